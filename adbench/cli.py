@@ -1,0 +1,197 @@
+"""The ``adbench`` command line: thin typed commands over the library; adbench errors become one red line."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import Progress as RichBar
+from rich.table import Table
+
+from adbench.errors import AdbenchError, ConfigError
+from adbench.progress import Progress
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Benchmark normalizing-flow anomaly detectors.")
+console = Console(stderr=True)
+out = Console()
+
+
+class RichProgress(Progress):
+    """Progress bars on stderr (transient per task, one line left per finished task)."""
+
+    def __init__(self) -> None:
+        self.bar = RichBar(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=console,
+        )  # fmt: skip
+
+    @contextmanager
+    def task(self, description: str, total: int | None = None) -> Iterator:
+        task = self.bar.add_task(description, total=total, info="")
+
+        def advance(n: int = 1, **fields) -> None:
+            info = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in fields.items())
+            self.bar.update(task, advance=n, **({"info": info} if info else {}))
+
+        yield advance
+
+    def log(self, message: str) -> None:
+        console.print(f"[dim]{message}[/]")
+
+
+@contextmanager
+def _errors() -> Iterator[None]:
+    """Turn adbench errors (and Ctrl-C) into one line and a non-zero exit code."""
+    try:
+        yield
+    except AdbenchError as err:
+        console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        console.print("[bold red]interrupted:[/] the current run was not written; earlier runs are kept")
+        raise typer.Exit(130) from None
+
+
+def _parse_sets(pairs: list[str]) -> dict[str, str]:
+    out_: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects key=value, got {pair!r}")
+        out_[key.strip()] = value.strip()
+    return out_
+
+
+def _fmt(v: float | None) -> str:
+    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}"
+
+
+@app.command()
+def run(
+    model: Annotated[str, typer.Option(help="Detector (see `adbench list models`).")] = "fastflow",
+    dataset: Annotated[str, typer.Option(help="Dataset (see `adbench list datasets`).")] = "synthetic",
+    category: Annotated[str, typer.Option(help="Category, or 'all'.")] = "all",
+    data_root: Annotated[
+        Path | None, typer.Option(envvar="ADBENCH_DATA", help="Folder holding mvtec/, btad/, mtd/.")
+    ] = None,
+    root: Annotated[Path | None, typer.Option(help="Dataset folder for --dataset folder (MVTec layout).")] = None,
+    backbone: Annotated[str, typer.Option(help="Feature extractor (see `adbench list backbones`).")] = (
+        "tf_efficientnet_lite0"
+    ),
+    weights: Annotated[
+        str | None, typer.Option(help="Backbone weights: a timm state-dict file, or 'random'. Default: ImageNet.")
+    ] = None,
+    image_size: Annotated[int, typer.Option(min=32, help="Images are resized to this square size.")] = 256,
+    epochs: Annotated[int | None, typer.Option(min=0, help="Training epochs (default: the model's).")] = None,
+    batch_size: Annotated[int | None, typer.Option(min=1, help="Batch size (default: the model's).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed for python, numpy and torch.")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    results_dir: Annotated[Path, typer.Option(help="Runs go to RESULTS_DIR/runs/.")] = Path("results"),
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a config field: key=value.")] = None,
+    preset: Annotated[str | None, typer.Option(help="Named config preset, e.g. 'paper' (full schedule).")] = None,
+    cache_dir: Annotated[Path | None, typer.Option(help="Keep extracted features here across runs.")] = None,
+) -> None:
+    """Train one detector on one category (or all) and write result.json per run."""
+    from adbench.runner import RunSpec, run as run_spec
+
+    with _errors():
+        overrides = _parse_sets(set_ or [])
+        if epochs is not None:
+            overrides["epochs"] = epochs
+        if batch_size is not None:
+            overrides["batch_size"] = batch_size
+        spec = RunSpec(model=model, dataset=dataset, category=category, data_root=data_root, root=root,
+                       backbone=backbone, weights=weights, image_size=image_size, seed=seed, device=device,
+                       results_dir=results_dir, overrides=overrides, preset=preset, cache_dir=cache_dir)
+        progress = RichProgress()
+        with progress.bar:
+            folders = run_spec(spec, progress)
+    table = Table(title=f"{model} on {dataset} (%)")
+    for col in ("category", "Image AUROC", "Pixel AUROC", "Image AUPR", "Pixel AUPR", "AUPRO", "test img/s"):
+        table.add_column(col, justify="left" if col == "category" else "right")
+    for folder in folders:
+        r = json.loads((folder / "result.json").read_text())
+        m = r["metrics"]
+        table.add_row(r["category"], *(_fmt(m[k]) for k in ("image_auroc", "pixel_auroc", "image_aupr",
+                                                           "pixel_aupr", "aupro")),
+                      f"{r['timing']['test_images_per_s']:.1f}")
+    out.print(table)
+    for folder in folders:
+        console.print(f"wrote {folder / 'result.json'}", highlight=False)
+
+
+@app.command()
+def report(
+    results_dir: Annotated[Path, typer.Option(help="Where the runs are (RESULTS_DIR/runs/).")] = Path("results"),
+    output: Annotated[Path | None, typer.Option(help="Also write the markdown here.")] = None,
+) -> None:
+    """Print markdown tables of every run found: one per metric, a mean row per dataset."""
+    from adbench.report import build_report
+
+    with _errors():
+        text = build_report(results_dir)
+    print(text)
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(text)
+        console.print(f"wrote {output}", highlight=False)
+
+
+class Listable(str, Enum):
+    models = "models"
+    datasets = "datasets"
+    backbones = "backbones"
+
+
+@app.command("list")
+def list_(what: Annotated[Listable, typer.Argument(help="What to list.")]) -> None:
+    """List registered models, datasets or backbones."""
+    if what is Listable.models:
+        from adbench.models import list_models as names
+    elif what is Listable.datasets:
+        from adbench.datasets import list_datasets as names
+    else:
+        from adbench.features import list_backbones as names
+    for name in names():
+        print(name)
+
+
+@app.command()
+def download(
+    name: Annotated[str, typer.Argument(help="mvtec, btad or mtd.")],
+    root: Annotated[
+        Path | None, typer.Option(envvar="ADBENCH_DATA", help="Data root (default ~/.cache/adbench/datasets).")
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Download again even if present.")] = False,
+) -> None:
+    """Download a dataset into ROOT/<name> (resumable, checksum-verified)."""
+    from adbench.datasets import default_data_root
+    from adbench.download import download_dataset
+
+    with _errors():
+        bar = RichProgress()
+        with bar.bar, bar.task(f"download {name}", total=None) as advance:
+            state = {"done": 0}
+
+            def report_bytes(done: int, total: int | None) -> None:
+                if total:
+                    bar.bar.update(bar.bar.task_ids[-1], total=total)
+                advance(done - state["done"])
+                state["done"] = done
+
+            path = download_dataset(name, root or default_data_root(), progress=report_bytes, force=force)
+    console.print(f"{name} is ready at {path}", highlight=False)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app(prog_name="adbench")
+

@@ -1,0 +1,79 @@
+"""Markdown tables from run folders: one table per metric, rows dataset/category, columns detectors, a mean row."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from adbench.errors import AdbenchError
+from adbench.results import load_results, results_frame
+
+TITLES = {
+    "image_auroc": "Image AUROC (%)",
+    "pixel_auroc": "Pixel AUROC (%)",
+    "image_aupr": "Image AUPR (average precision, %)",
+    "pixel_aupr": "Pixel AUPR (average precision, %)",
+    "aupro": "AUPRO (FPR ≤ 0.3, %)",
+}
+TIMINGS = {"timing_fit_s": "fit (s)", "timing_test_images_per_s": "test images/s"}
+
+
+def _column(frame: pd.DataFrame) -> pd.Series:
+    """Column label per run: the model name, plus backbone and size where a model was run in several settings."""
+    setting = frame.backbone.astype(str) + "@" + frame.image_size.astype(str)
+    several = frame.assign(s=setting).groupby("model").s.transform("nunique") > 1
+    return frame.model.where(~several, frame.model + " (" + setting + ")")
+
+
+def _cell(values: pd.Series, scale: float, digits: int) -> str:
+    vals = values.dropna().to_numpy(dtype=float) * scale
+    if len(vals) == 0:
+        return "–"
+    if len(vals) == 1:
+        return f"{vals[0]:.{digits}f}"
+    return f"{vals.mean():.{digits}f} ± {vals.std(ddof=1):.{digits}f}"
+
+
+def metric_table(frame: pd.DataFrame, metric: str, scale: float = 100.0, digits: int = 1) -> pd.DataFrame:
+    """Rows (dataset, category) plus a mean row per dataset; columns = detectors; seeds shown as mean ± std.
+
+    The mean row averages each seed's category values first, so its ± is the spread over seeds of the mean.
+    """
+    frame = frame.assign(column=_column(frame))
+    columns = sorted(frame.column.unique())
+    rows = []
+    for dataset, dframe in frame.groupby("dataset", sort=True):
+        for category, cframe in dframe.groupby("category", sort=True):
+            rows.append({"dataset": dataset, "category": category,
+                         **{c: _cell(cframe[cframe.column == c][metric], scale, digits) for c in columns}})
+        if dframe.category.nunique() > 1:
+            mean = {}
+            for c in columns:
+                per_seed = dframe[dframe.column == c].groupby("seed")[metric].agg(_complete_mean)
+                complete = dframe[dframe.column == c].category.nunique() == dframe.category.nunique()
+                mean[c] = _cell(per_seed, scale, digits) + ("" if complete else " (incomplete)")
+            rows.append({"dataset": dataset, "category": "**mean**", **mean})
+    return pd.DataFrame(rows, columns=["dataset", "category", *columns])
+
+
+def _complete_mean(values: pd.Series) -> float:
+    return float(values.mean()) if values.notna().all() else np.nan
+
+
+def build_report(results_dir: Path) -> str:
+    """The whole markdown report for the runs under ``results_dir``."""
+    results = load_results(results_dir)
+    if not results:
+        raise AdbenchError(f"no runs found under {Path(results_dir) / 'runs'} (run `adbench run` first)")
+    frame = results_frame(results)
+    parts = [f"# adbench report\n\n{len(frame)} runs from `{results_dir}`; values in %, mean ± std over seeds.\n"]
+    for metric, title in TITLES.items():
+        table = metric_table(frame, metric)
+        parts.append(f"## {title}\n\n{table.to_markdown(index=False)}\n")
+    for key, title in TIMINGS.items():
+        if key in frame:
+            table = metric_table(frame, key, scale=1.0, digits=1)
+            parts.append(f"## Speed: {title}\n\n{table.to_markdown(index=False)}\n")
+    return "\n".join(parts)

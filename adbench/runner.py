@@ -1,0 +1,201 @@
+"""One run = one detector trained and evaluated on one category; ``run`` does it and writes ``result.json``."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import platform
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from adbench import metrics as M
+from adbench.datasets import AnomalyDataset, open_family
+from adbench.errors import ConfigError, TrainingError
+from adbench.features import cache_key, create_extractor, extract_features
+from adbench.models import create_model, resolve_config
+from adbench.progress import NULL_PROGRESS, Progress
+from adbench.results import run_name, write_run
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything that defines a run (or, with ``category="all"``, one run per category)."""
+
+    model: str = "fastflow"
+    dataset: str = "synthetic"
+    category: str = "all"
+    data_root: Path | None = None  # default: $ADBENCH_DATA or ~/.cache/adbench/datasets
+    root: Path | None = None  # the folder of dataset "folder"
+    backbone: str = "tf_efficientnet_lite0"
+    weights: str | None = None  # None: offline package or timm download; "random"; or a file
+    image_size: int = 256
+    seed: int = 0
+    device: str = "auto"
+    results_dir: Path = Path("results")
+    overrides: dict[str, Any] = field(default_factory=dict)  # config fields (``--set``, ``--epochs``, ...)
+    preset: str | None = None
+    cache_dir: Path | None = None  # persistent feature cache
+    workers: int = 2  # image decoding threads
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (FrEIA draws permutations from numpy, initial weights from torch)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> cuda if available else cpu; asking for cuda without one is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ConfigError(f"unknown device {device!r}; valid: auto, cpu, cuda")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("--device cuda asked for, but torch sees no CUDA device (use --device cpu or auto)")
+    return torch.device(device)
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """Versions and hardware, recorded in every result."""
+    versions = {"python": platform.python_version()}
+    for pkg in ("adbench", "torch", "torchvision", "timm", "FrEIA", "numpy", "scikit-learn", "scipy"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = None
+    dev = {"type": device.type, "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        dev["name"] = torch.cuda.get_device_name(device)
+    return {"versions": versions, "device": dev, "platform": platform.platform()}
+
+
+def categories_of(spec: RunSpec) -> list[str]:
+    """The categories a spec covers (all of the dataset's for ``all``)."""
+    family = open_family(spec.dataset, spec.data_root, spec.root)
+    if spec.category == "all":
+        return family.categories()
+    family.check_category(spec.category)
+    return [spec.category]
+
+
+def run(spec: RunSpec, progress: Progress = NULL_PROGRESS) -> list[Path]:
+    """Run every category of the spec; returns the run folders written."""
+    return [run_one(dataclasses.replace(spec, category=c), progress) for c in categories_of(spec)]
+
+
+def run_one(spec: RunSpec, progress: Progress = NULL_PROGRESS) -> Path:
+    """Train and evaluate one detector on one category; writes and returns the run folder."""
+    started = datetime.now(timezone.utc)
+    device = resolve_device(spec.device)
+    config = resolve_config(spec.model, spec.backbone, spec.overrides, spec.preset)
+    family = open_family(spec.dataset, spec.data_root, spec.root)
+    train = AnomalyDataset(family, spec.category, "train", spec.image_size)
+    test = AnomalyDataset(family, spec.category, "test", spec.image_size)
+    seed_everything(spec.seed)
+    extractor = create_extractor(spec.backbone, config.layers, spec.weights).to(device)
+    key = cache_key(backbone=spec.backbone, weights=extractor.weights_source, layers=config.layers,
+                    size=spec.image_size, dataset=spec.dataset, paths=train.index.image_path.tolist())
+    t0 = time.perf_counter()
+    store, backbone_s = extract_features(extractor, train, batch_size=config.batch_size, device=device,
+                                         cache_dir=spec.cache_dir, key=key, progress=progress)
+    extract_s = time.perf_counter() - t0
+    try:
+        seed_everything(spec.seed)
+        detector = create_model(spec.model, extractor, spec.image_size, config).to(device)
+        t0 = time.perf_counter()
+        history = detector.fit(store, progress)
+        fit_s = time.perf_counter() - t0
+    finally:
+        store.close()
+    samples = _load_all(test, config.batch_size, spec.workers, progress)
+    scores, maps, predict_s = _predict(detector, samples["image"], config.batch_size, device, progress)
+    if not (np.isfinite(scores).all() and np.isfinite(maps).all()):
+        raise TrainingError(f"{spec.model} produced NaN/inf anomaly scores on {spec.dataset}/{spec.category}; "
+                            "no result written")
+    progress.log("computing metrics")
+    metrics = M.compute_metrics(scores, samples["label"], maps, samples["mask"])
+    n_test = len(test)
+    result = {
+        "model": spec.model, "dataset": spec.dataset, "category": spec.category, "backbone": spec.backbone,
+        "weights": extractor.weights_source, "image_size": spec.image_size, "seed": spec.seed, "preset": spec.preset,
+        "config": dataclasses.asdict(config),
+        "metrics": metrics,
+        "timing": {
+            "extract_train_s": extract_s, "fit_s": fit_s, "predict_s": predict_s,
+            "test_images_per_s": n_test / predict_s if predict_s > 0 else None,
+            "backbone_images_per_s": len(train) / backbone_s if backbone_s > 0 else None,
+        },
+        "n_train": len(train), "n_test": n_test, "n_test_anomalous": int(samples["label"].sum()),
+        "loss_history": history,
+        "protocol": {
+            "checkpoint": "last epoch (no model selection on the test set)",
+            "eval_resolution": f"{spec.image_size}x{spec.image_size} (images bilinear, masks nearest)",
+            "mask_binarisation": f"> {family.mask_threshold} after resizing",
+            "aupr": "average precision (step-wise)", "aupro": "exact MVTec AD definition, FPR limit 0.3",
+        },
+        **environment(device),
+        "command": " ".join(sys.argv) if sys.argv and sys.argv[0].endswith("adbench") else None,
+        "started": started.isoformat(timespec="seconds"),
+        "data_root": str(family.base),
+    }
+    frame = pd.DataFrame({"path": samples["path"], "label": samples["label"], "defect": samples["defect"],
+                          "score": scores})
+    buf = io.StringIO()
+    frame.to_csv(buf, index=False)
+    name = run_name(spec.model, spec.backbone, spec.dataset, spec.category, spec.seed)
+    return write_run(spec.results_dir, name, {"result.json": json.dumps(result, indent=2) + "\n",
+                                              "scores.csv": buf.getvalue()})
+
+
+def _load_all(dataset: AnomalyDataset, batch_size: int, workers: int, progress: Progress) -> dict[str, Any]:
+    """Decode the whole test split once (uint8), so timing the detector measures the detector."""
+    images, masks, labels, defects, paths = [], [], [], [], []
+    with progress.task(f"load {dataset.family.name}/{dataset.category} test", total=len(dataset)) as advance:
+        for batch in dataset.batches(batch_size, workers):
+            for s in batch:
+                images.append(s.image)
+                masks.append(s.mask)
+                labels.append(s.label)
+                defects.append(s.defect)
+                paths.append(s.path)
+            advance(len(batch))
+    return {"image": torch.stack(images), "mask": torch.stack(masks).numpy(), "label": np.array(labels),
+            "defect": defects, "path": paths}
+
+
+def _predict(detector, images: torch.Tensor, batch_size: int, device: torch.device, progress: Progress):
+    """Scores [N], maps [N,S,S] and the seconds the detector took (transfer + backbone + head)."""
+    scores, maps, seconds = [], [], 0.0
+    detector.eval()
+    with progress.task("predict", total=len(images)) as advance:
+        for start in range(0, len(images), batch_size):
+            batch = images[start : start + batch_size]
+            t0 = time.perf_counter()
+            pred = detector.predict(batch.to(device))
+            score, amap = pred.score.float().cpu(), pred.anomaly_map.float().cpu()
+            seconds += time.perf_counter() - t0
+            scores.append(score.numpy())
+            maps.append(amap.numpy())
+            advance(len(batch))
+    return np.concatenate(scores), np.concatenate(maps), seconds
+
+
+def default_threads() -> None:
+    """Use all cores for torch on CPU (torch's default can be lower inside containers)."""
+    n = os.cpu_count() or 1
+    if torch.get_num_threads() < n:
+        torch.set_num_threads(n)

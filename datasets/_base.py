@@ -1,0 +1,179 @@
+"""What every dataset family shares: the registry, the index table, image/mask reading and resizing.
+
+A family (MVTec AD, BTAD, MTD, a folder, the synthetic set) only has to say where its data lives, which categories it
+has and how to list one split as an index table with the columns of ``INDEX_COLUMNS``. Reading, resizing and
+validation live here, once.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from adbench.errors import DatasetError
+from adbench.registry import Registry
+
+INDEX_COLUMNS = ("image_path", "mask_path", "label", "defect")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+SPLITS = ("train", "test")
+
+DATASETS: Registry[type[DatasetFamily]] = Registry("dataset")
+register_dataset = DATASETS.register
+
+
+def default_data_root() -> Path:
+    """``$ADBENCH_DATA`` if set, else ``~/.cache/adbench/datasets``."""
+    env = os.environ.get("ADBENCH_DATA")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "adbench" / "datasets"
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files of a folder (not recursive), sorted by name."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def find_by_stem(folder: Path, stem: str, what: str) -> Path:
+    """The one image file in ``folder`` whose stem is ``stem``; DatasetError naming what is missing otherwise."""
+    hits = [p for p in folder.glob(f"{stem}.*") if p.suffix.lower() in IMAGE_SUFFIXES] if folder.is_dir() else []
+    if len(hits) != 1:
+        found = "none" if not hits else ", ".join(p.name for p in hits)
+        raise DatasetError(f"{what}: expected one file {folder / stem}.<png|bmp|...>, found {found}")
+    return hits[0]
+
+
+def make_index(rows: list[tuple[str | None, str | None, int, str]]) -> pd.DataFrame:
+    """An index table from (image_path, mask_path, label, defect) rows."""
+    return pd.DataFrame(rows, columns=list(INDEX_COLUMNS)).astype({"label": "int64"})
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One resized sample: image uint8 [3,S,S], mask bool [S,S], label 0/1, defect type, source path."""
+
+    image: torch.Tensor
+    mask: torch.Tensor
+    label: int
+    defect: str
+    path: str
+
+
+class DatasetFamily:
+    """A dataset family: where it lives, its categories, how to index a split and how to read one row.
+
+    Subclasses set ``name``, ``subdir`` (folder under the data root) and ``mask_threshold`` and implement
+    ``categories`` and ``index``; the synthetic family also overrides ``locate`` and ``read``.
+    """
+
+    name: str = ""
+    subdir: str = ""
+    mask_threshold: int = 0  # mask pixel > threshold (after nearest resizing) is defective
+    how_to_get: str = ""
+
+    def __init__(self, data_root: Path | None = None, root: Path | None = None) -> None:
+        self.base = self.locate(Path(data_root) if data_root else default_data_root(), Path(root) if root else None)
+
+    def locate(self, data_root: Path, root: Path | None) -> Path:
+        """The folder holding this family's categories; DatasetError saying how to get the data if missing."""
+        base = root if root is not None else data_root / self.subdir
+        if not base.is_dir():
+            raise DatasetError(f"{self.name} not found at {base}: {self.how_to_get}")
+        return base
+
+    def categories(self) -> list[str]:
+        """Category names of this family."""
+        raise NotImplementedError
+
+    def index(self, category: str, split: str) -> pd.DataFrame:
+        """The index table of one split (columns ``INDEX_COLUMNS``)."""
+        raise NotImplementedError
+
+    def read(self, row: pd.Series) -> tuple[Image.Image, Image.Image | None]:
+        """The image of one index row and its mask (None for a defect-free image)."""
+        image = _open_image(row.image_path, "RGB")
+        mask = None
+        if isinstance(row.mask_path, str):
+            mask = _open_image(row.mask_path, "L")
+            if mask.size != image.size:
+                raise DatasetError(
+                    f"mask {row.mask_path} is {mask.size[0]}x{mask.size[1]} but its image is "
+                    f"{image.size[0]}x{image.size[1]}"
+                )
+        return image, mask
+
+    def check_category(self, category: str) -> None:
+        """Raise DatasetError listing the valid categories if ``category`` is not one."""
+        valid = self.categories()
+        if category not in valid:
+            raise DatasetError(f"unknown {self.name} category {category!r}; valid: {', '.join(valid)}")
+
+
+def _open_image(path: str, mode: str) -> Image.Image:
+    try:
+        with Image.open(path) as im:
+            return im.convert(mode)
+    except FileNotFoundError:
+        raise DatasetError(f"image file missing: {path}") from None
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        raise DatasetError(f"cannot read image {path}: {err}") from None
+
+
+class AnomalyDataset:
+    """One split of one category at one image size: an index table plus resizing of each row to a ``Sample``.
+
+    Images are resized bilinearly (with antialiasing) to ``image_size``², grayscale is repeated to 3 channels; masks
+    are resized nearest-neighbour and binarised afterwards (``> family.mask_threshold``).
+    """
+
+    def __init__(self, family: DatasetFamily, category: str, split: str, image_size: int) -> None:
+        if split not in SPLITS:
+            raise DatasetError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
+        family.check_category(category)
+        self.family, self.category, self.split, self.image_size = family, category, split, image_size
+        self.index = family.index(category, split)
+        if len(self.index) == 0:
+            raise DatasetError(f"{family.name}/{category} has no {split} images under {family.base}")
+        if split == "train" and self.index.label.any():
+            raise DatasetError(f"{family.name}/{category} train split contains anomalous images")
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.index.label.to_numpy()
+
+    def __getitem__(self, i: int) -> Sample:
+        row = self.index.iloc[i]
+        image, mask = self.family.read(row)
+        size = (self.image_size, self.image_size)
+        image = image.resize(size, Image.BILINEAR)
+        img = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+        if mask is None:
+            m = torch.zeros(size, dtype=torch.bool)
+        else:
+            m = torch.from_numpy(np.array(mask.resize(size, Image.NEAREST)) > self.family.mask_threshold)
+        return Sample(img, m, int(row.label), str(row.defect), str(row.image_path))
+
+    def batches(self, batch_size: int, workers: int = 2) -> Iterator[list[Sample]]:
+        """Samples in index order, ``batch_size`` at a time, decoded by a small thread pool."""
+        with ThreadPoolExecutor(max(1, workers)) as pool:
+            for start in range(0, len(self), batch_size):
+                yield list(pool.map(self.__getitem__, range(start, min(start + batch_size, len(self)))))
+
+
+def open_family(name: str, data_root: Path | None = None, root: Path | None = None) -> DatasetFamily:
+    """The dataset family registered as ``name``, located under ``data_root`` (or at ``root``)."""
+    return DATASETS.get(name)(data_root=data_root, root=root)
+
+
+def list_datasets() -> list[str]:
+    """Registered dataset names."""
+    return DATASETS.names()

@@ -1,0 +1,105 @@
+"""The model registry and the small contract every detector follows."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from adbench.errors import ConfigError
+from adbench.features import FeatureExtractor, FeatureStore
+from adbench.progress import NULL_PROGRESS, Progress
+from adbench.registry import Registry
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """What a detector says about a batch: image scores [B] and anomaly maps [B, H, W] at input resolution."""
+
+    score: torch.Tensor
+    anomaly_map: torch.Tensor
+
+
+class Detector(nn.Module):
+    """Base of the detectors: a frozen ``extractor`` plus trainable parts, configured by one frozen dataclass.
+
+    Subclasses set ``Config`` (defaults = the paper's, one comment per field citing the source; every config has
+    ``layers``, ``epochs``, ``batch_size``, ``lr``), optionally ``PRESETS`` (named sets of overrides, e.g. the paper's
+    full schedule) and ``BACKBONE_DEFAULTS`` (per-backbone overrides from the reference configs), and implement
+    ``fit`` and ``predict``.
+    """
+
+    Config: ClassVar[type]
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {}
+    BACKBONE_DEFAULTS: ClassVar[dict[str, dict[str, Any]]] = {}
+
+    def __init__(self, extractor: FeatureExtractor, image_size: int, config: Any) -> None:
+        super().__init__()
+        self.extractor, self.image_size, self.config = extractor, image_size, config
+
+    @property
+    def device(self) -> torch.device:
+        return self.extractor.mean.device
+
+    def fit(self, features: FeatureStore, progress: Progress = NULL_PROGRESS) -> dict[str, list[float]]:
+        """Train on the cached features of the normal training images; returns loss histories by stage."""
+        raise NotImplementedError
+
+    def predict(self, images: torch.Tensor) -> Prediction:
+        """Score a batch of images (uint8 or [0, 1] float, [B, 3, S, S]); maps are [B, S, S], higher = anomalous."""
+        raise NotImplementedError
+
+
+MODELS: Registry[type[Detector]] = Registry("model")
+register_model = MODELS.register
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """Registered model names."""
+    return MODELS.names(pattern)
+
+
+def _coerce(field: str, value: Any, default: Any) -> Any:
+    """Turn a ``--set`` string into the type of the field's default."""
+    if not isinstance(value, str):
+        return tuple(value) if isinstance(default, tuple) else value
+    try:
+        if isinstance(default, bool):
+            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(value)
+            return value.lower() in ("true", "1", "yes")
+        if isinstance(default, tuple):
+            kind = type(default[0]) if default else str
+            return tuple(kind(v) for v in value.replace("(", "").replace(")", "").split(",") if v.strip())
+        if isinstance(default, int):
+            return int(value)
+        if isinstance(default, float):
+            return float(value)
+    except ValueError:
+        raise ConfigError(f"bad value {value!r} for {field} (expected {type(default).__name__})") from None
+    return value
+
+
+def resolve_config(model: str, backbone: str, overrides: dict[str, Any] | None = None, preset: str | None = None):
+    """The model's config: paper defaults, then the backbone's defaults, then a preset, then ``overrides``."""
+    cls = MODELS.get(model)
+    base = cls.Config()
+    changes: dict[str, Any] = dict(cls.BACKBONE_DEFAULTS.get(backbone, {}))
+    if preset is not None:
+        if preset not in cls.PRESETS:
+            raise ConfigError(f"unknown preset {preset!r} for {model}; valid: {', '.join(sorted(cls.PRESETS)) or 'none'}")
+        changes.update(cls.PRESETS[preset])
+    fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(base)}
+    for key, value in (overrides or {}).items():
+        if key not in fields:
+            raise ConfigError(f"{model} has no config field {key!r}; valid: {', '.join(sorted(fields))}")
+        changes[key] = _coerce(key, value, fields[key])
+    return dataclasses.replace(base, **changes)
+
+
+def create_model(model: str, extractor: FeatureExtractor, image_size: int, config: Any) -> Detector:
+    """Instantiate a registered detector around a frozen extractor."""
+    return MODELS.get(model)(extractor, image_size, config)
