@@ -100,7 +100,8 @@ def run(
     cache_dir: Annotated[Path | None, typer.Option(help="Keep extracted features here across runs.")] = None,
 ) -> None:
     """Train one detector on one category (or all) and write result.json per run."""
-    from adbench.runner import RunSpec, run as run_spec
+    from adbench.runner import RunSpec
+    from adbench.runner import run as run_spec
 
     with _errors():
         overrides = _parse_sets(set_ or [])
@@ -115,7 +116,7 @@ def run(
         with progress.bar:
             folders = run_spec(spec, progress)
     table = Table(title=f"{model} on {dataset} (%)")
-    for col in ("category", "Image AUROC", "Pixel AUROC", "Image AUPR", "Pixel AUPR", "AUPRO", "test img/s"):
+    for col in ("category", "Img AUROC", "Pix AUROC", "Img AUPR", "Pix AUPR", "AUPRO", "img/s"):
         table.add_column(col, justify="left" if col == "category" else "right")
     for folder in folders:
         r = json.loads((folder / "result.json").read_text())

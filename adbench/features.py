@@ -111,7 +111,9 @@ class FeatureExtractor(nn.Module):
         n_stages = len(timm.create_model(backbone, pretrained=False, features_only=True).feature_info)
         bad = [i for i in self.layers if not 0 <= i < n_stages]
         if bad or not self.layers or len(set(self.layers)) != len(self.layers):
-            raise ConfigError(f"layers {list(self.layers)} invalid for {backbone}: choose distinct indices 0..{n_stages - 1}")
+            raise ConfigError(
+                f"layers {list(self.layers)} invalid for {backbone}: choose distinct indices 0..{n_stages - 1}"
+            )
         self.net, self.weights_source = self._build(spec, weights)
         self.channels = list(self.net.feature_info.channels())
         self.strides = list(self.net.feature_info.reduction())
@@ -121,7 +123,7 @@ class FeatureExtractor(nn.Module):
         self.eval()
 
     def _build(self, spec: Backbone, weights: str | None) -> tuple[nn.Module, str]:
-        kw = dict(features_only=True, out_indices=self.layers)
+        kw = {"features_only": True, "out_indices": self.layers}
         if weights == "random":
             return timm.create_model(spec.name, pretrained=False, **kw), "random"
         if weights is None and spec.offline is None:
@@ -223,7 +225,7 @@ def extract_features(
     if cache_dir is not None:
         folder = Path(cache_dir) / (key or "features")
         if (folder / "complete").exists():
-            return FeatureStore([torch.from_numpy(np.load(folder / f"layer{i}.npy", mmap_mode="r"))
+            return FeatureStore([torch.from_numpy(np.load(folder / f"layer{i}.npy", mmap_mode="c"))
                                  for i in range(len(shapes))], folder), 0.0
         folder.mkdir(parents=True, exist_ok=True)
     elif n * sum(math.prod(s) for s in shapes) * 4 > memory_limit:

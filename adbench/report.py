@@ -71,9 +71,9 @@ def build_report(results_dir: Path) -> str:
     parts = [f"# adbench report\n\n{len(frame)} runs from `{results_dir}`; values in %, mean ± std over seeds.\n"]
     for metric, title in TITLES.items():
         table = metric_table(frame, metric)
-        parts.append(f"## {title}\n\n{table.to_markdown(index=False)}\n")
+        parts.append(f"## {title}\n\n{table.to_markdown(index=False, disable_numparse=True)}\n")
     for key, title in TIMINGS.items():
         if key in frame:
             table = metric_table(frame, key, scale=1.0, digits=1)
-            parts.append(f"## Speed: {title}\n\n{table.to_markdown(index=False)}\n")
+            parts.append(f"## Speed: {title}\n\n{table.to_markdown(index=False, disable_numparse=True)}\n")
     return "\n".join(parts)

@@ -1,6 +1,6 @@
 """Dataset families, one file each, registered by name (installed as ``adbench.datasets``)."""
 
-from adbench.datasets import btad, mtd, mvtec  # noqa: F401  (registers)
+from adbench.datasets import btad, mtd, mvtec, synthetic  # noqa: F401  (registers)
 from adbench.datasets._base import (
     DATASETS,
     AnomalyDataset,

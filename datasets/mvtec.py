@@ -71,7 +71,7 @@ class Folder(DatasetFamily):
     """Your own images in the MVTec layout under ``--root DIR``: every subfolder with ``train/good`` is a category."""
 
     name = "folder"
-    how_to_get = "pass --root DIR with DIR/<category>/train/good, DIR/<category>/test/<defect>, DIR/<category>/ground_truth"
+    how_to_get = "pass --root DIR with DIR/<category>/{train/good, test/<defect>, ground_truth/<defect>}"
 
     def locate(self, data_root: Path, root: Path | None) -> Path:
         if root is None:

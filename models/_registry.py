@@ -90,7 +90,8 @@ def resolve_config(model: str, backbone: str, overrides: dict[str, Any] | None =
     changes: dict[str, Any] = dict(cls.BACKBONE_DEFAULTS.get(backbone, {}))
     if preset is not None:
         if preset not in cls.PRESETS:
-            raise ConfigError(f"unknown preset {preset!r} for {model}; valid: {', '.join(sorted(cls.PRESETS)) or 'none'}")
+            valid = ", ".join(sorted(cls.PRESETS)) or "none"
+            raise ConfigError(f"unknown preset {preset!r} for {model}; valid: {valid}")
         changes.update(cls.PRESETS[preset])
     fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(base)}
     for key, value in (overrides or {}).items():

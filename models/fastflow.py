@@ -31,7 +31,7 @@ from adbench.train import Stage, run_stage
 class FastFlowConfig:
     """FastFlow hyperparameters; defaults are gathierry/FastFlow's ResNet-18 configuration."""
 
-    layers: tuple[int, ...] = (1, 2, 3)  # feature stages 1-3 = "the first three blocks" (paper §4.1; gathierry out_indices)
+    layers: tuple[int, ...] = (1, 2, 3)  # stages 1-3: "the first three blocks" (paper §4.1; gathierry out_indices)
     flow_steps: int = 8  # gathierry configs/resnet18.yaml and wide_resnet50_2.yaml
     hidden_ratio: float = 1.0  # subnet width / C, same configs (transformers use 0.16)
     conv3x3_only: bool = True  # resnet18.yaml: True; wide_resnet50_2.yaml: False (alternating 3x3 / 1x1)
@@ -49,7 +49,9 @@ def subnet_conv(kernel_size: int, hidden_ratio: float):
         hidden = int(c_in * hidden_ratio)
         pad = kernel_size // 2
         return nn.Sequential(
-            nn.Conv2d(c_in, hidden, kernel_size, padding=pad), nn.ReLU(), nn.Conv2d(hidden, c_out, kernel_size, padding=pad)
+            nn.Conv2d(c_in, hidden, kernel_size, padding=pad),
+            nn.ReLU(),
+            nn.Conv2d(hidden, c_out, kernel_size, padding=pad),
         )
 
     return make

@@ -1,0 +1,124 @@
+"""The command line, through typer's CliRunner: every README command, error lines, exit codes."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+
+import pytest
+from typer.testing import CliRunner
+
+from adbench.cli import app
+from conftest import REPO, make_mvtec
+
+runner = CliRunner()
+FAST = ["--image-size", "64", "--epochs", "1", "--set", "flow_steps=2"]
+
+
+def invoke(args: list[str], **kw):
+    result = runner.invoke(app, args, **kw)
+    return result, result.output
+
+
+def test_list_commands():
+    for what, expected in (("models", "fastflow"), ("datasets", "synthetic"), ("backbones", "tf_efficientnet_lite0")):
+        result, out = invoke(["list", what])
+        assert result.exit_code == 0 and expected in out.split()
+
+
+def test_run_synthetic_writes_result_and_report(tmp_path):
+    result, out = invoke(["run", "--category", "pattern", "--results-dir", str(tmp_path), *FAST])
+    assert result.exit_code == 0, out
+    assert "Img AUROC" in out and "pattern" in out
+    (path,) = (tmp_path / "runs").glob("*/result.json")
+    r = json.loads(path.read_text())
+    assert path.parent.name == "fastflow_tf_efficientnet_lite0_synthetic_pattern_s0"
+    assert set(r["metrics"]) == {"image_auroc", "image_aupr", "pixel_auroc", "pixel_aupr", "aupro"}
+    assert all(0 <= v <= 1 for v in r["metrics"].values())
+    assert r["config"]["epochs"] == 1 and r["config"]["flow_steps"] == 2 and r["image_size"] == 64
+    assert r["weights"] == "offline:tf_efficientnet_lite0" and r["device"]["type"] == "cpu"
+    assert r["versions"]["torch"] and r["timing"]["test_images_per_s"] > 0 and r["n_test"] == 50
+    assert (path.parent / "scores.csv").read_text().startswith("path,label,defect,score")
+    # a second identical run gets its own folder and the same numbers (deterministic seeds)
+    result, out = invoke(["run", "--category", "pattern", "--results-dir", str(tmp_path), *FAST])
+    assert result.exit_code == 0, out
+    again = json.loads((path.parent.with_name(path.parent.name + "-1") / "result.json").read_text())
+    assert again["metrics"] == r["metrics"]
+    result, out = invoke(["report", "--results-dir", str(tmp_path), "--output", str(tmp_path / "r.md")])
+    assert result.exit_code == 0 and "## Image AUROC (%)" in out and (tmp_path / "r.md").exists()
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["run", "--model", "nope"], "error: unknown model 'nope'; valid: fastflow"),
+        (["run", "--dataset", "nope"], "error: unknown dataset 'nope'; valid: btad, folder, mtd, mvtec, synthetic"),
+        (["run", "--category", "nope"], "error: unknown synthetic category 'nope'; valid: pattern, texture, object"),
+        (["run", "--set", "lrr=1"], "error: fastflow has no config field 'lrr'"),
+        (["run", "--set", "oops"], "error: --set expects key=value"),
+        (["run", "--backbone", "resnet9000"], "error: unknown backbone 'resnet9000'"),
+        (["run", "--device", "cuda"], "error: --device cuda asked for, but torch sees no CUDA device"),
+        (["run", "--dataset", "folder"], "error: dataset 'folder' needs --root DIR"),
+        (["run", "--weights", "/no/such.pth"], "error: weights file not found: /no/such.pth"),
+        (["report", "--results-dir", "/no/such/dir"], "error: no runs found under /no/such/dir/runs"),
+        (["download", "imagenet"], "error: unknown dataset 'imagenet'"),
+    ],
+)
+def test_errors_are_one_line(tmp_path, args, message):
+    if args[0] == "run":
+        args = [*args, "--results-dir", str(tmp_path)]
+    result, out = invoke(args)
+    assert result.exit_code == 1
+    assert message in " ".join(out.split()), out
+    assert "Traceback" not in out and len(out.strip().splitlines()) <= 2
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").iterdir())
+
+
+def test_missing_data_root_says_how_to_download(tmp_path):
+    result, out = invoke(["run", "--dataset", "mtd", "--data-root", str(tmp_path), "--results-dir", str(tmp_path)])
+    assert result.exit_code == 1 and "adbench download mtd" in " ".join(out.split())
+
+
+def test_nan_training_is_one_line_and_writes_nothing(tmp_path):
+    result, out = invoke(["run", "--category", "pattern", "--results-dir", str(tmp_path), *FAST,
+                          "--set", "lr=1e12"])
+    assert result.exit_code == 1 and "loss became" in out and "no result written" in " ".join(out.split())
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").glob("*/result.json"))
+
+
+def test_folder_dataset_run(tmp_path):
+    make_mvtec(tmp_path / "mine", categories=("widget",))
+    result, out = invoke(["run", "--dataset", "folder", "--root", str(tmp_path / "mine"), "--results-dir",
+                          str(tmp_path / "res"), *FAST])
+    assert result.exit_code == 0, out
+    assert list((tmp_path / "res" / "runs").glob("fastflow_*_folder_widget_s0/result.json"))
+
+
+def readme_commands() -> list[str]:
+    """Every `adbench ...` line inside the README's shell code blocks."""
+    text = (REPO / "README.md").read_text()
+    blocks = re.findall(r"```(?:bash|sh|console)\n(.*?)```", text, flags=re.S)
+    return [ln.strip().removeprefix("$ ") for b in blocks for ln in b.splitlines()
+            if ln.strip().removeprefix("$ ").startswith("adbench ")]
+
+
+def test_readme_shows_commands():
+    cmds = readme_commands()
+    assert any(c.startswith("adbench run") for c in cmds) and any(c.startswith("adbench report") for c in cmds)
+
+
+@pytest.mark.parametrize("command", readme_commands())
+def test_readme_command_runs(command, tmp_path, real_data_root, monkeypatch):
+    """Each README command, with its placeholders filled and (for training) a short schedule appended."""
+    monkeypatch.chdir(tmp_path)
+    make_mvtec(tmp_path / "my_images", categories=("widget",))
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "mtd").symlink_to(real_data_root / "mtd")
+    args = shlex.split(command.replace("DIR", str(tmp_path / "data")))[1:]
+    if args[0] == "run":
+        args += [*FAST, "--results-dir", str(tmp_path / "results")]
+    if args[0] == "report":
+        invoke(["run", "--category", "texture", *FAST, "--results-dir", str(tmp_path / "results")])
+    result, out = invoke(args)
+    assert result.exit_code == 0, out

@@ -1,0 +1,86 @@
+"""FastFlow: shapes, invertibility, loss/map formulas, config resolution, and a short fit that learns."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from adbench.errors import ConfigError
+from adbench.features import FeatureStore, create_extractor
+from adbench.models import create_model, list_models, resolve_config
+from adbench.models.fastflow import FastFlowConfig, anomaly_map, build_flow, loss
+
+
+@pytest.fixture(scope="module")
+def small():
+    torch.manual_seed(0)
+    cfg = resolve_config("fastflow", "resnet18", {"flow_steps": 2, "epochs": 3, "batch_size": 4})
+    ext = create_extractor("resnet18", cfg.layers, "random")
+    return create_model("fastflow", ext, 64, cfg)
+
+
+def test_registered_with_paper_defaults():
+    assert "fastflow" in list_models()
+    cfg = FastFlowConfig()
+    assert (cfg.flow_steps, cfg.clamp, cfg.lr, cfg.weight_decay, cfg.batch_size) == (8, 2.0, 1e-3, 1e-5, 32)
+    assert resolve_config("fastflow", "tf_efficientnet_lite0", preset="paper").epochs == 500
+    assert resolve_config("fastflow", "wide_resnet50_2").conv3x3_only is False
+
+
+def test_resolve_config_coerces_and_rejects():
+    cfg = resolve_config("fastflow", "resnet18", {"lr": "3e-4", "conv3x3_only": "false", "layers": "1,2"})
+    assert cfg.lr == 3e-4 and cfg.conv3x3_only is False and cfg.layers == (1, 2)
+    with pytest.raises(ConfigError, match="no config field 'lrr'; valid: .*lr"):
+        resolve_config("fastflow", "resnet18", {"lrr": "1"})
+    with pytest.raises(ConfigError, match="bad value 'fast' for epochs"):
+        resolve_config("fastflow", "resnet18", {"epochs": "fast"})
+    with pytest.raises(ConfigError, match="unknown preset 'quick'"):
+        resolve_config("fastflow", "resnet18", preset="quick")
+    with pytest.raises(ConfigError, match="unknown model 'fastflw'; valid: .*fastflow"):
+        resolve_config("fastflw", "resnet18")
+
+
+def test_forward_shapes_and_finite(small):
+    feats = small.extractor(torch.rand(2, 3, 64, 64))
+    z, log_jac = small(feats)
+    assert [t.shape for t in z] == [f.shape for f in feats]
+    assert all(lj.shape == (2,) and torch.isfinite(lj).all() for lj in log_jac)
+    pred = small.predict(torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8))
+    assert pred.anomaly_map.shape == (2, 64, 64) and pred.score.shape == (2,)
+    assert (pred.anomaly_map <= 0).all() and (pred.anomaly_map >= -1).all()
+    assert torch.equal(pred.score, pred.anomaly_map.flatten(1).max(1).values)
+
+
+@pytest.mark.parametrize("conv3x3_only", [True, False])
+def test_flow_round_trip(conv3x3_only):
+    torch.manual_seed(0)
+    flow = build_flow((6, 5, 7), dataclasses.replace(FastFlowConfig(), flow_steps=4, conv3x3_only=conv3x3_only))
+    x = torch.randn(3, 6, 5, 7)
+    z, lj = flow(x)
+    x_back, lj_rev = flow(z, rev=True)
+    assert torch.allclose(x, x_back, atol=1e-5)
+    assert torch.allclose(lj, -lj_rev, atol=1e-4)
+
+
+def test_loss_and_map_formulas():
+    z = [torch.full((2, 3, 4, 4), 2.0), torch.zeros(2, 5, 2, 2)]
+    log_jac = [torch.tensor([1.0, 3.0]), torch.tensor([0.5, 0.5])]
+    # scale 1: 0.5 * 48 * 4 - mean(1, 3) = 94; scale 2: 0 - 0.5
+    assert loss(z, log_jac).item() == pytest.approx(93.5)
+    amap = anomaly_map(z, 8)
+    # scale 1: -exp(-0.5 * 4) everywhere; scale 2: -1 everywhere; mean of the two
+    assert torch.allclose(amap, torch.full((2, 8, 8), (-torch.exp(torch.tensor(-2.0)) - 1) / 2))
+
+
+def test_fit_reduces_loss_and_guards_nan(small):
+    feats = small.extractor(torch.rand(8, 3, 64, 64))
+    history = small.fit(FeatureStore([f.clone() for f in feats]))["fastflow"]
+    assert len(history) == 3 and history[-1] < history[0]
+    from adbench.errors import TrainingError
+
+    bad = [f.clone() for f in feats]
+    bad[0][0, 0, 0, 0] = float("nan")
+    with pytest.raises(TrainingError, match="loss became nan at epoch 1"):
+        small.fit(FeatureStore(bad))

@@ -1,0 +1,67 @@
+"""Run folders are atomic and never overwritten; the report tabulates them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from adbench.errors import AdbenchError
+from adbench.report import build_report, metric_table
+from adbench.results import load_results, results_frame, write_run
+
+
+def fake(model="fastflow", dataset="mtd", category="mtd", seed=0, auroc=0.9, backbone="tf_efficientnet_lite0"):
+    m = {"image_auroc": auroc, "pixel_auroc": 0.8, "image_aupr": 0.7, "pixel_aupr": 0.3, "aupro": 0.6}
+    return {"model": model, "dataset": dataset, "category": category, "seed": seed, "backbone": backbone,
+            "image_size": 256, "metrics": m, "timing": {"fit_s": 10.0, "test_images_per_s": 5.0}}
+
+
+def put(tmp_path, **kw):
+    r = fake(**kw)
+    return write_run(tmp_path, f"{r['model']}_{r['category']}_s{r['seed']}", {"result.json": json.dumps(r)})
+
+
+def test_write_run_never_overwrites(tmp_path):
+    a = put(tmp_path)
+    b = put(tmp_path, auroc=0.5)
+    assert a.name == "fastflow_mtd_s0" and b.name == "fastflow_mtd_s0-1"
+    assert json.loads((a / "result.json").read_text())["metrics"]["image_auroc"] == 0.9
+    assert not [p for p in (tmp_path / "runs").iterdir() if p.name.startswith(".tmp")]
+
+
+def test_load_skips_temporary_and_broken(tmp_path):
+    put(tmp_path)
+    (tmp_path / "runs" / ".tmp-x").mkdir()
+    (tmp_path / "runs" / ".tmp-x" / "result.json").write_text(json.dumps(fake()))
+    (tmp_path / "runs" / "broken").mkdir()
+    (tmp_path / "runs" / "broken" / "result.json").write_text("{")
+    assert len(load_results(tmp_path)) == 1
+
+
+def test_metric_table_mean_rows_and_seeds(tmp_path):
+    for seed, (a, b) in enumerate([(0.9, 0.7), (0.8, 0.6)]):
+        put(tmp_path, dataset="mvtec", category="bottle", seed=seed, auroc=a)
+        put(tmp_path, dataset="mvtec", category="cable", seed=seed, auroc=b)
+    put(tmp_path, model="cflow", dataset="mvtec", category="bottle", auroc=1.0)
+    table = metric_table(results_frame(load_results(tmp_path)), "image_auroc")
+    rows = {r.category: r for r in table.itertuples()}
+    assert rows["bottle"].fastflow == "85.0 ± 7.1" and rows["cable"].fastflow == "65.0 ± 7.1"
+    assert rows["**mean**"].fastflow == "75.0 ± 7.1"  # per-seed means 80 and 70
+    assert rows["cable"].cflow == "–" and rows["**mean**"].cflow.endswith("(incomplete)")
+
+
+def test_report_markdown_and_empty(tmp_path):
+    put(tmp_path)
+    text = build_report(tmp_path)
+    assert "## Image AUROC (%)" in text and "| mtd       | mtd        | 90.0       |" in text
+    assert "## AUPRO" in text and "test images/s" in text
+    with pytest.raises(AdbenchError, match="no runs found"):
+        build_report(tmp_path / "empty")
+
+
+def test_several_settings_of_one_model_get_separate_columns(tmp_path):
+    put(tmp_path)
+    put(tmp_path, backbone="resnet18")
+    table = metric_table(results_frame(load_results(tmp_path)), "image_auroc")
+    assert "fastflow (resnet18@256)" in table.columns and "fastflow (tf_efficientnet_lite0@256)" in table.columns
