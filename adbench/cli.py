@@ -37,9 +37,9 @@ class RichProgress(Progress):
     def task(self, description: str, total: int | None = None) -> Iterator:
         task = self.bar.add_task(description, total=total, info="")
 
-        def advance(n: int = 1, **fields) -> None:
+        def advance(n: int = 1, total: int | None = None, **fields) -> None:
             info = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in fields.items())
-            self.bar.update(task, advance=n, **({"info": info} if info else {}))
+            self.bar.update(task, advance=n, **({"total": total} if total else {}), **({"info": info} if info else {}))
 
         yield advance
 
@@ -126,7 +126,7 @@ def run(
                       f"{r['timing']['test_images_per_s']:.1f}")
     out.print(table)
     for folder in folders:
-        console.print(f"wrote {folder / 'result.json'}", highlight=False)
+        console.print(f"wrote {folder / 'result.json'}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -183,9 +183,7 @@ def download(
             state = {"done": 0}
 
             def report_bytes(done: int, total: int | None) -> None:
-                if total:
-                    bar.bar.update(bar.bar.task_ids[-1], total=total)
-                advance(done - state["done"])
+                advance(done - state["done"], total=total)
                 state["done"] = done
 
             path = download_dataset(name, root or default_data_root(), progress=report_bytes, force=force)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-Advance = Callable[..., None]  # advance(n=1, **fields): n steps done; fields (e.g. loss=0.3) are shown by the renderer
+Advance = Callable[..., None]  # advance(n=1, total=None, **fields): n steps done; fields (loss=0.3) are displayed
 
 
 class Progress:

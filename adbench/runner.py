@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-import os
 import platform
 import random
 import sys
@@ -193,9 +192,3 @@ def _predict(detector, images: torch.Tensor, batch_size: int, device: torch.devi
             advance(len(batch))
     return np.concatenate(scores), np.concatenate(maps), seconds
 
-
-def default_threads() -> None:
-    """Use all cores for torch on CPU (torch's default can be lower inside containers)."""
-    n = os.cpu_count() or 1
-    if torch.get_num_threads() < n:
-        torch.set_num_threads(n)
