@@ -68,8 +68,9 @@ def build_report(results_dir: Path) -> str:
     if not results:
         raise AdbenchError(f"no runs found under {Path(results_dir) / 'runs'} (run `adbench run` first)")
     frame = results_frame(results)
-    parts = [f"# adbench report\n\n{len(frame)} runs from `{results_dir}` (`adbench report --results-dir {results_dir}`);"
-             " values in %, mean ± std over seeds.\n"]
+    made_by = f"adbench report --results-dir {results_dir}"
+    intro = f"{len(frame)} runs from `{results_dir}` (`{made_by}`); values in %, mean ± std over seeds."
+    parts = [f"# adbench report\n\n{intro}\n"]
     for metric, title in TITLES.items():
         table = metric_table(frame, metric)
         parts.append(f"## {title}\n\n{table.to_markdown(index=False, disable_numparse=True)}\n")

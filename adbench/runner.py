@@ -120,8 +120,8 @@ def run_one(spec: RunSpec, progress: Progress = NULL_PROGRESS) -> Path:
         fit_s = time.perf_counter() - t0
     finally:
         store.close()
-    samples = _load_all(test, config.batch_size, spec.workers, progress)
-    scores, maps, predict_s = _predict(detector, samples["image"], config.batch_size, device, progress)
+    samples = load_test_split(test, config.batch_size, spec.workers, progress)
+    scores, maps, predict_s = predict_all(detector, samples["image"], config.batch_size, device, progress)
     if not (np.isfinite(scores).all() and np.isfinite(maps).all()):
         raise TrainingError(f"{spec.model} produced NaN/inf anomaly scores on {spec.dataset}/{spec.category}; "
                             "no result written")
@@ -160,7 +160,7 @@ def run_one(spec: RunSpec, progress: Progress = NULL_PROGRESS) -> Path:
                                               "scores.csv": buf.getvalue()})
 
 
-def _load_all(dataset: AnomalyDataset, batch_size: int, workers: int, progress: Progress) -> dict[str, Any]:
+def load_test_split(dataset: AnomalyDataset, batch_size: int, workers: int, progress: Progress) -> dict[str, Any]:
     """Decode the whole test split once (uint8), so timing the detector measures the detector."""
     images, masks, labels, defects, paths = [], [], [], [], []
     with progress.task(f"load {dataset.family.name}/{dataset.category} test", total=len(dataset)) as advance:
@@ -176,7 +176,7 @@ def _load_all(dataset: AnomalyDataset, batch_size: int, workers: int, progress: 
             "defect": defects, "path": paths}
 
 
-def _predict(detector, images: torch.Tensor, batch_size: int, device: torch.device, progress: Progress):
+def predict_all(detector, images: torch.Tensor, batch_size: int, device: torch.device, progress: Progress):
     """Scores [N], maps [N,S,S] and the seconds the detector took (transfer + backbone + head)."""
     scores, maps, seconds = [], [], 0.0
     detector.eval()

@@ -20,7 +20,7 @@ from adbench.datasets import AnomalyDataset, open_family
 from adbench.features import create_extractor, extract_features
 from adbench.models import create_model, resolve_config
 from adbench.progress import Progress
-from adbench.runner import _load_all, _predict, seed_everything
+from adbench.runner import load_test_split, predict_all, seed_everything
 
 
 def main() -> None:
@@ -43,7 +43,7 @@ def main() -> None:
     seed_everything(args.seed)
     ext = create_extractor(args.backbone, cfg.layers)
     store, _ = extract_features(ext, train, batch_size=cfg.batch_size)
-    samples = _load_all(test, cfg.batch_size, 2, Progress())
+    samples = load_test_split(test, cfg.batch_size, 2, Progress())
     seed_everything(args.seed)
     det = create_model(args.model, ext, args.image_size, cfg)
     rows, clock = [], {"fit": 0.0, "t0": time.perf_counter()}
@@ -58,7 +58,7 @@ def main() -> None:
                 if epoch["n"] in checkpoints:
                     clock["fit"] += time.perf_counter() - clock["t0"]
                     det.eval()
-                    scores, maps, predict_s = _predict(det, samples["image"], cfg.batch_size, torch.device("cpu"),
+                    scores, maps, predict_s = predict_all(det, samples["image"], cfg.batch_size, torch.device("cpu"),
                                                        Progress())
                     det.train()
                     m = M.compute_metrics(scores, samples["label"], maps, samples["mask"])
