@@ -49,6 +49,20 @@ def find_by_stem(folder: Path, stem: str, what: str) -> Path:
     return hits[0]
 
 
+def paired_rows(images: list[Path], gt_dir: Path, defect: str, mask_suffix: str = "") -> list[tuple]:
+    """Index rows of defective images, each paired by stem with ``gt_dir/<stem><mask_suffix>.*``.
+
+    Raises:
+        DatasetError: an image has no mask, or a mask in ``gt_dir`` has no image (both named).
+    """
+    rows = [(str(p), str(find_by_stem(gt_dir, p.stem + mask_suffix, f"mask of {p}")), 1, defect) for p in images]
+    stems = {p.stem + mask_suffix for p in images}
+    orphans = sorted(m.name for m in list_images(gt_dir) if m.stem not in stems) if gt_dir.is_dir() else []
+    if orphans:
+        raise DatasetError(f"masks without an image in {gt_dir}: {', '.join(orphans[:3])}")
+    return rows
+
+
 def make_index(rows: list[tuple[str | None, str | None, int, str]]) -> pd.DataFrame:
     """An index table from (image_path, mask_path, label, defect) rows."""
     return pd.DataFrame(rows, columns=list(INDEX_COLUMNS)).astype({"label": "int64"})
@@ -75,7 +89,12 @@ class DatasetFamily:
     name: str = ""
     subdir: str = ""
     mask_threshold: int = 0  # mask pixel > threshold (after nearest resizing) is defective
-    how_to_get: str = ""
+    fixed_categories: tuple[str, ...] = ()
+
+    @property
+    def how_to_get(self) -> str:
+        """What to tell a user whose data is missing."""
+        return f"run `adbench download {self.name} --root DATA_ROOT` or pass --data-root (env ADBENCH_DATA)"
 
     def __init__(self, data_root: Path | None = None, root: Path | None = None) -> None:
         self.base = self.locate(Path(data_root) if data_root else default_data_root(), Path(root) if root else None)
@@ -88,8 +107,8 @@ class DatasetFamily:
         return base
 
     def categories(self) -> list[str]:
-        """Category names of this family."""
-        raise NotImplementedError
+        """Category names of this family (``fixed_categories`` unless the family finds them on disk)."""
+        return list(self.fixed_categories)
 
     def index(self, category: str, split: str) -> pd.DataFrame:
         """The index table of one split (columns ``INDEX_COLUMNS``)."""

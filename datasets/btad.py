@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from adbench.datasets._base import DatasetFamily, find_by_stem, list_images, make_index, register_dataset
+from adbench.datasets._base import DatasetFamily, list_images, make_index, paired_rows, register_dataset
 from adbench.errors import DatasetError
 
 CATEGORIES = ("01", "02", "03")
@@ -27,13 +27,7 @@ def index_btad(root: Path, category: str, split: str) -> pd.DataFrame:
         ko = prod / "test" / "ko"
         if not ko.is_dir():
             raise DatasetError(f"missing folder {ko}")
-        images = list_images(ko)
-        gt = prod / "ground_truth" / "ko"
-        rows += [(str(p), str(find_by_stem(gt, p.stem, f"mask of {p}")), 1, "ko") for p in images]
-        stems = {p.stem for p in images}
-        orphans = sorted(m.name for m in list_images(gt) if m.stem not in stems)
-        if orphans:
-            raise DatasetError(f"masks without an image in {gt}: {', '.join(orphans[:3])}")
+        rows += paired_rows(list_images(ko), prod / "ground_truth" / "ko", "ko")
     return make_index(rows)
 
 
@@ -43,10 +37,7 @@ class BTAD(DatasetFamily):
 
     name = "btad"
     subdir = "btad"
-    how_to_get = "run `adbench download btad --root DATA_ROOT` or pass --data-root (env ADBENCH_DATA)"
-
-    def categories(self) -> list[str]:
-        return list(CATEGORIES)
+    fixed_categories = CATEGORIES
 
     def index(self, category: str, split: str) -> pd.DataFrame:
         return index_btad(self.base, category, split)

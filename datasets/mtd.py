@@ -58,10 +58,7 @@ class MTD(DatasetFamily):
     name = "mtd"
     subdir = "mtd"
     mask_threshold = 127  # soft-edged masks, see module docstring
-    how_to_get = "run `adbench download mtd --root DATA_ROOT` or pass --data-root (env ADBENCH_DATA)"
-
-    def categories(self) -> list[str]:
-        return list(CATEGORIES)
+    fixed_categories = CATEGORIES
 
     def index(self, category: str, split: str) -> pd.DataFrame:
         return index_mtd(self.base, split)

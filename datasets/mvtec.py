@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from adbench.datasets._base import DatasetFamily, find_by_stem, list_images, make_index, register_dataset
+from adbench.datasets._base import DatasetFamily, list_images, make_index, paired_rows, register_dataset
 from adbench.errors import DatasetError
 
 CATEGORIES = (
@@ -40,14 +40,7 @@ def index_mvtec(root: Path, category: str, split: str, good: str = "good", mask_
         if defect == good:
             rows += [(str(p), None, 0, good) for p in images]
             continue
-        gt_dir = cat / "ground_truth" / defect
-        for p in images:
-            mask = find_by_stem(gt_dir, p.stem + mask_suffix, f"mask of {p}")
-            rows.append((str(p), str(mask), 1, defect))
-        stems = {p.stem + mask_suffix for p in images}
-        orphans = sorted(m.name for m in list_images(gt_dir) if m.stem not in stems) if gt_dir.is_dir() else []
-        if orphans:
-            raise DatasetError(f"masks without an image in {gt_dir}: {', '.join(orphans[:3])}")
+        rows += paired_rows(images, cat / "ground_truth" / defect, defect, mask_suffix)
     return make_index(rows)
 
 
@@ -57,10 +50,7 @@ class MVTecAD(DatasetFamily):
 
     name = "mvtec"
     subdir = "mvtec"
-    how_to_get = "run `adbench download mvtec --root DATA_ROOT` or pass --data-root (env ADBENCH_DATA)"
-
-    def categories(self) -> list[str]:
-        return list(CATEGORIES)
+    fixed_categories = CATEGORIES
 
     def index(self, category: str, split: str) -> pd.DataFrame:
         return index_mvtec(self.base, category, split)

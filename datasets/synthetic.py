@@ -550,12 +550,11 @@ class Synthetic(DatasetFamily):
     """The embedded default: three categories generated in memory (see the module docstring); needs no data root."""
 
     name = "synthetic"
+    fixed_categories = CATEGORIES
 
     def locate(self, data_root: Path, root: Path | None) -> Path:
         return Path("synthetic:")
 
-    def categories(self) -> list[str]:
-        return list(CATEGORIES)
 
     def index(self, category: str, split: str) -> pd.DataFrame:
         rows = [(f"synthetic://{category}/{split}/{defect}/{i:03d}", None, int(defect != "good"), defect)
