@@ -55,6 +55,9 @@ def _errors() -> Iterator[None]:
     except AdbenchError as err:
         console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
+    except OSError as err:  # a path the user gave that cannot be read or written
+        console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
     except KeyboardInterrupt:
         console.print("[bold red]interrupted:[/] the current run was not written; earlier runs are kept")
         raise typer.Exit(130) from None
@@ -92,7 +95,7 @@ def run(
     image_size: Annotated[int, typer.Option(min=32, help="Images are resized to this square size.")] = 256,
     epochs: Annotated[int | None, typer.Option(min=0, help="Training epochs (default: the model's).")] = None,
     batch_size: Annotated[int | None, typer.Option(min=1, help="Batch size (default: the model's).")] = None,
-    seed: Annotated[int, typer.Option(help="Seed for python, numpy and torch.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, max=2**32 - 1, help="Seed for python, numpy and torch.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     results_dir: Annotated[Path, typer.Option(help="Runs go to RESULTS_DIR/runs/.")] = Path("results"),
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a config field: key=value.")] = None,
@@ -139,11 +142,11 @@ def report(
 
     with _errors():
         text = build_report(results_dir)
-    print(text)
-    if output is not None:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(text)
-        console.print(f"wrote {output}", highlight=False)
+        print(text)
+        if output is not None:
+            output.parent.mkdir(parents=True, exist_ok=True)
+            output.write_text(text)
+            console.print(f"wrote {output}", highlight=False)
 
 
 class Listable(str, Enum):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import shutil
 import tempfile
 import time
@@ -138,7 +139,7 @@ class FeatureExtractor(nn.Module):
         if weights is None:
             state, source = spec.offline(full), f"offline:{spec.name}"
         else:
-            state, source = _load_state(Path(weights)), f"file:{weights}"
+            state, source = _load_state(Path(weights)), f"file:{Path(weights).resolve()}"
         net = timm.create_model(spec.name, pretrained=False, **kw)
         wanted = net.state_dict()
         missing = [k for k in wanted if k not in state]
@@ -192,7 +193,6 @@ class FeatureStore:
         order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
         for start in range(0, n, batch_size):
             idx = order[start : start + batch_size]
-            idx = idx.sort().values if self._tmpdir is not None else idx  # sequential-ish reads from disk
             yield [t[idx] for t in self.tensors]
 
     def close(self) -> None:
@@ -221,15 +221,41 @@ def extract_features(
     """Features of every sample of ``dataset`` (an ``AnomalyDataset``), and the seconds spent in the backbone alone."""
     n = len(dataset)
     shapes = extractor.feature_shapes(dataset.image_size)
-    folder = None
+    folder = final = None
     if cache_dir is not None:
-        folder = Path(cache_dir) / (key or "features")
-        if (folder / "complete").exists():
-            return FeatureStore([torch.from_numpy(np.load(folder / f"layer{i}.npy", mmap_mode="c"))
-                                 for i in range(len(shapes))], folder), 0.0
-        folder.mkdir(parents=True, exist_ok=True)
+        final = Path(cache_dir) / (key or "features")
+        if (final / "complete").exists():
+            return _open_cached(final, len(shapes)), 0.0
+        try:
+            Path(cache_dir).mkdir(parents=True, exist_ok=True)
+            folder = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=cache_dir))  # renamed when complete
+        except OSError as err:
+            raise ConfigError(f"cannot use feature cache {cache_dir}: {err.strerror or err}") from None
     elif n * sum(math.prod(s) for s in shapes) * 4 > memory_limit:
         folder = Path(tempfile.mkdtemp(prefix="adbench-features-"))
+    try:
+        store, backbone_s = _extract(extractor, dataset, shapes, folder, batch_size, device, progress)
+    except BaseException:
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+    if final is not None:
+        (folder / "complete").touch()
+        try:
+            os.rename(folder, final)
+        except OSError:  # another run finished the same features first: use those
+            shutil.rmtree(folder, ignore_errors=True)
+        return _open_cached(final, len(shapes)), backbone_s
+    return store, backbone_s
+
+
+def _open_cached(folder: Path, n_layers: int) -> FeatureStore:
+    return FeatureStore([torch.from_numpy(np.load(folder / f"layer{i}.npy", mmap_mode="c")) for i in range(n_layers)],
+                        folder)
+
+
+def _extract(extractor, dataset, shapes, folder, batch_size, device, progress) -> tuple[FeatureStore, float]:
+    n = len(dataset)
     if folder is None:
         tensors = [torch.empty((n, *s)) for s in shapes]
     else:
@@ -249,6 +275,4 @@ def extract_features(
                 dst[start : start + len(samples)] = f.cpu()
             start += len(samples)
             advance(len(samples))
-    if cache_dir is not None:
-        (folder / "complete").touch()
     return FeatureStore(tensors, folder), backbone_s

@@ -21,10 +21,17 @@ TIMINGS = {"timing_fit_s": "fit (s)", "timing_test_images_per_s": "test images/s
 
 
 def _column(frame: pd.DataFrame) -> pd.Series:
-    """Column label per run: the model name, plus backbone and size where a model was run in several settings."""
+    """Column label per run: the model name, plus its setting where a model was run in several settings.
+
+    A setting is backbone@size plus a short hash of everything else that changes results (config, preset, weights),
+    so runs that differ in anything but the seed never share a column.
+    """
     setting = frame.backbone.astype(str) + "@" + frame.image_size.astype(str)
-    several = frame.assign(s=setting).groupby("model").s.transform("nunique") > 1
-    return frame.model.where(~several, frame.model + " (" + setting + ")")
+    full = setting + " " + frame.setting.astype(str)
+    several = frame.assign(s=full).groupby("model").s.transform("nunique") > 1
+    label = setting.where(frame.assign(s=full).groupby(["model", setting]).s.transform("nunique") == 1,
+                          setting + " #" + frame.setting.astype(str))
+    return frame.model.where(~several, frame.model + " (" + label + ")")
 
 
 def _cell(values: pd.Series, scale: float, digits: int) -> str:
@@ -49,17 +56,17 @@ def metric_table(frame: pd.DataFrame, metric: str, scale: float = 100.0, digits:
             rows.append({"dataset": dataset, "category": category,
                          **{c: _cell(cframe[cframe.column == c][metric], scale, digits) for c in columns}})
         if dframe.category.nunique() > 1:
-            mean = {}
+            mean, n_categories = {}, dframe.category.nunique()
             for c in columns:
-                per_seed = dframe[dframe.column == c].groupby("seed")[metric].agg(_complete_mean)
-                complete = dframe[dframe.column == c].category.nunique() == dframe.category.nunique()
+                runs = dframe[dframe.column == c]
+                # a seed counts only if it covers every category of the dataset (else its mean is not comparable)
+                per_seed = pd.Series({
+                    seed: g[metric].mean() if g.category.nunique() == n_categories and g[metric].notna().all()
+                    else np.nan for seed, g in runs.groupby("seed")}, dtype=float)
+                complete = len(per_seed) > 0 and per_seed.notna().all()
                 mean[c] = _cell(per_seed, scale, digits) + ("" if complete else " (incomplete)")
             rows.append({"dataset": dataset, "category": "**mean**", **mean})
     return pd.DataFrame(rows, columns=["dataset", "category", *columns])
-
-
-def _complete_mean(values: pd.Series) -> float:
-    return float(values.mean()) if values.notna().all() else np.nan
 
 
 def build_report(results_dir: Path) -> str:

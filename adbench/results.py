@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -20,17 +23,55 @@ def run_name(model: str, backbone: str, dataset: str, category: str, seed: int) 
     return f"{model}_{backbone}_{dataset}_{category}_s{seed}"
 
 
+def setting_hash(result: dict) -> str:
+    """Short hash of what changes results besides the seed, dataset and category (config, preset, weights, size)."""
+    keys = ("model", "backbone", "image_size", "weights", "preset", "config")
+    blob = json.dumps({k: result.get(k) for k in keys}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:6]
+
+
+def finite_or_none(obj):
+    """Replace NaN/inf floats by None, recursively, so result.json stays valid JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [finite_or_none(v) for v in obj]
+    return obj
+
+
+def check_writable(results_dir: Path) -> Path:
+    """Create ``results_dir/runs`` (before any work is done) and fail early with one line if impossible."""
+    runs = Path(results_dir) / RUNS
+    try:
+        runs.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=runs).close()
+    except OSError as err:
+        raise AdbenchError(f"cannot write results into {runs}: {err.strerror or err}") from None
+    return runs
+
+
 def write_run(results_dir: Path, name: str, files: dict[str, str]) -> Path:
     """Write ``files`` into a new folder ``results_dir/runs/<name>[-N]`` atomically and return it.
 
     The files are written into a temporary folder first, which is then renamed; an existing run folder is never
     touched (a numeric suffix is appended instead), so an interrupted or concurrent write loses no earlier result.
     """
-    runs = Path(results_dir) / RUNS
-    runs.mkdir(parents=True, exist_ok=True)
+    runs = check_writable(results_dir)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=runs))
-    for fname, text in files.items():
-        (tmp / fname).write_text(text)
+    try:
+        for fname, text in files.items():
+            with open(tmp / fname, "w") as fh:
+                fh.write(text)
+                fh.flush()
+                os.fsync(fh.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; runs are meant to be shared
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise AdbenchError(f"cannot write run {name} into {runs}: {err.strerror or err}") from None
     for n in range(10_000):
         target = runs / (name if n == 0 else f"{name}-{n}")
         if target.exists():
@@ -45,7 +86,7 @@ def write_run(results_dir: Path, name: str, files: dict[str, str]) -> Path:
 
 
 def load_results(results_dir: Path) -> list[dict]:
-    """Every ``result.json`` under ``results_dir/runs`` (unreadable ones are skipped with a note in the dict list)."""
+    """Every readable ``result.json`` under ``results_dir/runs`` (unfinished temporary folders are ignored)."""
     out = []
     for path in sorted((Path(results_dir) / RUNS).glob("**/result.json")):
         if any(part.startswith(".tmp-") for part in path.parts):
@@ -64,6 +105,7 @@ def results_frame(results: list[dict]) -> pd.DataFrame:
     rows = []
     for r in results:
         row = {k: r.get(k) for k in ("model", "dataset", "category", "backbone", "image_size", "seed", "path")}
+        row["setting"] = setting_hash(r)
         row.update({m: r.get("metrics", {}).get(m) for m in METRICS})
         row.update({f"timing_{k}": v for k, v in r.get("timing", {}).items()})
         rows.append(row)

@@ -25,7 +25,7 @@ from adbench.errors import ConfigError, TrainingError
 from adbench.features import cache_key, create_extractor, extract_features
 from adbench.models import create_model, resolve_config
 from adbench.progress import NULL_PROGRESS, Progress
-from adbench.results import run_name, write_run
+from adbench.results import check_writable, finite_or_none, run_name, write_run
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,8 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed)
     torch.manual_seed(seed)
     torch.cuda.manual_seed_all(seed)
+    torch.backends.cudnn.benchmark = False  # same kernels every run: reproducible on GPU too
+    torch.backends.cudnn.deterministic = True
 
 
 def resolve_device(device: str) -> torch.device:
@@ -66,6 +68,13 @@ def resolve_device(device: str) -> torch.device:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("--device cuda asked for, but torch sees no CUDA device (use --device cpu or auto)")
     return torch.device(device)
+
+
+def _command_line() -> str | None:
+    """The adbench command that made this run (None when called from Python code)."""
+    if sys.argv and Path(sys.argv[0]).name in ("adbench", "__main__.py"):
+        return " ".join(["adbench", *sys.argv[1:]])
+    return None
 
 
 def environment(device: torch.device) -> dict[str, Any]:
@@ -93,6 +102,7 @@ def categories_of(spec: RunSpec) -> list[str]:
 
 def run(spec: RunSpec, progress: Progress = NULL_PROGRESS) -> list[Path]:
     """Run every category of the spec; returns the run folders written."""
+    check_writable(spec.results_dir)
     return [run_one(dataclasses.replace(spec, category=c), progress) for c in categories_of(spec)]
 
 
@@ -107,7 +117,7 @@ def run_one(spec: RunSpec, progress: Progress = NULL_PROGRESS) -> Path:
     seed_everything(spec.seed)
     extractor = create_extractor(spec.backbone, config.layers, spec.weights).to(device)
     key = cache_key(backbone=spec.backbone, weights=extractor.weights_source, layers=config.layers,
-                    size=spec.image_size, dataset=spec.dataset, paths=train.index.image_path.tolist())
+                    size=spec.image_size, dataset=spec.dataset, device=device.type, files=_fingerprint(train))
     t0 = time.perf_counter()
     store, backbone_s = extract_features(extractor, train, batch_size=config.batch_size, device=device,
                                          cache_dir=spec.cache_dir, key=key, progress=progress)
@@ -147,7 +157,7 @@ def run_one(spec: RunSpec, progress: Progress = NULL_PROGRESS) -> Path:
             "aupr": "average precision (step-wise)", "aupro": "exact MVTec AD definition, FPR limit 0.3",
         },
         **environment(device),
-        "command": " ".join(sys.argv) if sys.argv and sys.argv[0].endswith("adbench") else None,
+        "command": _command_line(),
         "started": started.isoformat(timespec="seconds"),
         "data_root": str(family.base),
     }
@@ -156,8 +166,19 @@ def run_one(spec: RunSpec, progress: Progress = NULL_PROGRESS) -> Path:
     buf = io.StringIO()
     frame.to_csv(buf, index=False)
     name = run_name(spec.model, spec.backbone, spec.dataset, spec.category, spec.seed)
-    return write_run(spec.results_dir, name, {"result.json": json.dumps(result, indent=2) + "\n",
+    text = json.dumps(finite_or_none(result), indent=2, allow_nan=False) + "\n"
+    return write_run(spec.results_dir, name, {"result.json": text,
                                               "scores.csv": buf.getvalue()})
+
+
+def _fingerprint(dataset: AnomalyDataset) -> list:
+    """Paths with size and modification time (synthetic samples have no file), for the feature-cache key."""
+    out = []
+    for path in dataset.index.image_path:
+        p = Path(path)
+        stat = p.stat() if p.is_file() else None
+        out.append((str(p.resolve()) if stat else path, stat.st_size if stat else 0, stat.st_mtime_ns if stat else 0))
+    return out
 
 
 def load_test_split(dataset: AnomalyDataset, batch_size: int, workers: int, progress: Progress) -> dict[str, Any]:

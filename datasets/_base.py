@@ -42,7 +42,7 @@ def list_images(folder: Path) -> list[Path]:
 
 def find_by_stem(folder: Path, stem: str, what: str) -> Path:
     """The one image file in ``folder`` whose stem is ``stem``; DatasetError naming what is missing otherwise."""
-    hits = [p for p in folder.glob(f"{stem}.*") if p.suffix.lower() in IMAGE_SUFFIXES] if folder.is_dir() else []
+    hits = [p for p in list_images(folder) if p.stem == stem] if folder.is_dir() else []  # no glob: stems may hold [*?
     if len(hits) != 1:
         found = "none" if not hits else ", ".join(p.name for p in hits)
         raise DatasetError(f"{what}: expected one file {folder / stem}.<png|bmp|...>, found {found}")

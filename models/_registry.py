@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -98,7 +99,30 @@ def resolve_config(model: str, backbone: str, overrides: dict[str, Any] | None =
         if key not in fields:
             raise ConfigError(f"{model} has no config field {key!r}; valid: {', '.join(sorted(fields))}")
         changes[key] = _coerce(key, value, fields[key])
-    return dataclasses.replace(base, **changes)
+    config = dataclasses.replace(base, **changes)
+    check_config(model, config)
+    return config
+
+
+# Fields whose valid range is the same in every detector's config: name -> (test, what it must be).
+_RANGES = {
+    "epochs": (lambda v: v >= 0, ">= 0"),
+    "batch_size": (lambda v: v >= 1, ">= 1"),
+    "lr": (lambda v: math.isfinite(v) and v > 0, "a positive number"),
+    "weight_decay": (lambda v: math.isfinite(v) and v >= 0, ">= 0"),
+    "flow_steps": (lambda v: v >= 1, ">= 1"),
+    "hidden_ratio": (lambda v: math.isfinite(v) and v > 0, "> 0"),
+    "clamp": (lambda v: math.isfinite(v) and v > 0, "> 0"),
+}
+
+
+def check_config(model: str, config: Any) -> None:
+    """ConfigError naming the first field outside its valid range."""
+    for f in dataclasses.fields(config):
+        test = _RANGES.get(f.name)
+        value = getattr(config, f.name)
+        if test is not None and not test[0](value):
+            raise ConfigError(f"{model}: {f.name}={value} is invalid; it must be {test[1]}")
 
 
 def create_model(model: str, extractor: FeatureExtractor, image_size: int, config: Any) -> Detector:

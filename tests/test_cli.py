@@ -150,3 +150,45 @@ def test_readme_script_runs(command, tmp_path, real_data_root):
     assert proc.returncode == 0, proc.stderr[-2000:]
     (csv,) = tmp_path.glob("*.csv")
     assert csv.read_text().splitlines()[0].startswith("epoch,image_auroc") and len(csv.read_text().splitlines()) == 3
+
+
+def test_python_dash_m_entry_point():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "adbench", "list", "models"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and "fastflow" in proc.stdout.split()
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--set", "batch_size=0"], "batch_size=0 is invalid; it must be >= 1"),
+        (["--set", "lr=nan"], "lr=nan is invalid"),
+        (["--set", "weight_decay=-1"], "weight_decay=-1.0 is invalid"),
+        (["--seed", "-1"], "greater than or equal to 0"),
+    ],
+)
+def test_out_of_range_values_are_one_line(tmp_path, args, message):
+    result, out = invoke(["run", *args, "--results-dir", str(tmp_path)])
+    assert result.exit_code in (1, 2) and message in " ".join(out.split()) and "Traceback" not in out
+
+
+def test_results_dir_that_is_a_file_fails_before_training(tmp_path):
+    (tmp_path / "f").write_text("x")
+    result, out = invoke(["run", "--results-dir", str(tmp_path / "f"), *FAST])
+    assert result.exit_code == 1 and "cannot write results into" in " ".join(out.split())
+    assert "features" not in out  # failed before any work
+
+
+def test_result_json_is_strict_json_and_shared(tmp_path):
+    import os
+    import stat
+
+    result, _ = invoke(["run", "--category", "object", "--results-dir", str(tmp_path), *FAST])
+    (folder,) = (tmp_path / "runs").iterdir()
+    json.loads((folder / "result.json").read_text(), parse_constant=lambda c: pytest.fail(f"bare {c} in JSON"))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~umask

@@ -155,3 +155,11 @@ def test_real_mtd_published_split(real_data_root):
     assert set(train.index.image_path).isdisjoint(test.index.image_path)
     assert test.index.defect.value_counts().to_dict() == {
         "good": 191, "Blowhole": 115, "Uneven": 103, "Break": 85, "Crack": 57, "Fray": 32}
+
+
+def test_stems_with_glob_characters_pair(tmp_path):
+    make_mvtec(tmp_path / "mine", categories=("w",), n_bad=0)
+    write_image(tmp_path / "mine/w/test/crack/a[1].png")
+    write_mask(tmp_path / "mine/w/ground_truth/crack/a[1]_mask.png")
+    ds = AnomalyDataset(open_family("folder", root=tmp_path / "mine"), "w", "test", 16)
+    assert ds.index.mask_path.dropna().str.endswith("a[1]_mask.png").all()

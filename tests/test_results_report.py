@@ -65,3 +65,17 @@ def test_several_settings_of_one_model_get_separate_columns(tmp_path):
     put(tmp_path, backbone="resnet18")
     table = metric_table(results_frame(load_results(tmp_path)), "image_auroc")
     assert "fastflow (resnet18@256)" in table.columns and "fastflow (tf_efficientnet_lite0@256)" in table.columns
+
+
+def test_different_configs_never_share_a_column_and_partial_seeds_are_flagged(tmp_path):
+    r = fake()
+    write_run(tmp_path, "a", {"result.json": json.dumps({**r, "config": {"epochs": 20}})})
+    write_run(tmp_path, "b", {"result.json": json.dumps({**r, "config": {"epochs": 500}, "metrics": {
+        **r["metrics"], "image_auroc": 0.5}})})
+    table = metric_table(results_frame(load_results(tmp_path)), "image_auroc")
+    assert len(table.columns) == 4 and not any("±" in str(v) for v in table.iloc[0])
+    for seed, cats in ((0, ("a", "b")), (1, ("a",))):
+        for c in cats:
+            put(tmp_path / "s", category=c, seed=seed)
+    table = metric_table(results_frame(load_results(tmp_path / "s")), "image_auroc")
+    assert table.iloc[-1].fastflow.endswith("(incomplete)")
