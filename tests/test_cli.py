@@ -52,7 +52,7 @@ def test_run_synthetic_writes_result_and_report(tmp_path):
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["run", "--model", "nope"], "error: unknown model 'nope'; valid: fastflow"),
+        (["run", "--model", "nope"], "error: unknown model 'nope'; valid: cflow, fastflow"),
         (["run", "--dataset", "nope"], "error: unknown dataset 'nope'; valid: btad, folder, mtd, mvtec, synthetic"),
         (["run", "--category", "nope"], "error: unknown synthetic category 'nope'; valid: pattern, texture, object"),
         (["run", "--set", "lrr=1"], "error: fastflow has no config field 'lrr'"),
@@ -130,7 +130,8 @@ def test_readme_command_runs(command, tmp_path, real_data_root, monkeypatch):
     (tmp_path / "data" / "mtd").symlink_to(real_data_root / "mtd")
     args = shlex.split(command.replace("DIR", str(tmp_path / "data")))[1:]
     if args[0] == "run":
-        args += [*FAST, "--results-dir", str(tmp_path / "results")]
+        small = "coupling_blocks=2" if "cflow" in args else "flow_steps=2"
+        args += ["--image-size", "64", "--epochs", "1", "--set", small, "--results-dir", str(tmp_path / "results")]
     if args[0] == "report":
         invoke(["run", "--category", "texture", *FAST, "--results-dir", str(tmp_path / "results")])
     result, out = invoke(args)
@@ -192,3 +193,13 @@ def test_result_json_is_strict_json_and_shared(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~umask
+
+
+def test_run_cflow_on_synthetic_default(tmp_path):
+    result, out = invoke(["run", "--model", "cflow", "--category", "texture", "--image-size", "64", "--epochs", "1",
+                          "--set", "coupling_blocks=2", "--results-dir", str(tmp_path)])
+    assert result.exit_code == 0, out
+    (path,) = (tmp_path / "runs").glob("cflow_*_synthetic_texture_s0/result.json")
+    r = json.loads(path.read_text())
+    assert r["config"]["coupling_blocks"] == 2 and r["model"] == "cflow"
+    assert all(0 <= v <= 1 for v in r["metrics"].values()) and r["timing"]["test_images_per_s"] > 0

@@ -1,0 +1,176 @@
+"""CFLOW-AD (Gudovskiy, Ishizaka, Kozuka, WACV 2022): conditional flows on feature "fibers" with positional conditions.
+
+Official code: gudovskiy/cflow-ad (``model.py``, ``train.py``, ``config.py``, ``custom_models/utils.py``).
+
+- features: three stages of a frozen CNN (layer2-4 for ResNets); every position of a map is one sample (a "fiber",
+  C dims) conditioned on a 2D sinusoidal encoding of where it is (128 dims: half x, half y);
+- one conditional flow per stage: FrEIA ``AllInOneBlock`` x 8, subnet Linear(d, 2d)-ReLU-Linear(2d, out), clamp 1.9;
+- loss per fiber batch of 256: -logsigmoid(log p / C), log p = -C ln sqrt(2 pi) - |z|^2 / 2 + log|det J|;
+- anomaly map: per stage exp(log p / C - max over the TRAINING set), bilinear (align_corners) to the input, summed over
+  stages and inverted. The official code subtracts the test-set maximum instead (cflow-ad issue 24), which makes scores
+  depend on the test set; with training-set maxima a map does not depend on the test batch. Image score = map max.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import FrEIA.framework as Ff
+import FrEIA.modules as Fm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from adbench.errors import ConfigError
+from adbench.features import FeatureExtractor, FeatureStore
+from adbench.models._registry import Detector, Prediction, register_model
+from adbench.progress import NULL_PROGRESS, Progress
+from adbench.train import Stage, run_stage
+
+_LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
+
+
+@dataclass(frozen=True)
+class CFlowConfig:
+    """CFLOW-AD hyperparameters; defaults from the official code unless marked adbench."""
+
+    layers: tuple[int, ...] = (2, 3, 4)  # layer2, layer3, layer4 (official ``-pl 3``)
+    coupling_blocks: int = 8  # official ``-cb 8``
+    condition_dims: int = 128  # official ``condition_vec`` (2D positional encoding, half x, half y)
+    clamp: float = 1.9  # official ``clamp_alpha``
+    permute_soft: bool = False  # official True (random orthogonal); adbench: hard, same cost, instant to build for
+    # 2048 channels (FrEIA warns soft is "very slow" above 512); the preset "paper" switches it back on
+    fiber_batch: int = 256  # official N = 256 (``train.py``)
+    loss: str = "logsigmoid"  # official -logsigmoid(log p / C) (cflow-ad issue 23); "nll" = mean of -log p / C
+    lr: float = 2e-4  # official ``lr``
+    batch_size: int = 32  # official ``batch_size`` (images per batch, each giving H*W fibers per stage)
+    epochs: int = 3  # adbench CPU default (passes over the data); official 25 meta-epochs x 8 sub-epochs = 200
+    warmup_epochs: int = 0  # official: linear warm-up from lr/10 over 2 meta-epochs (= 16 passes, preset "paper")
+    cosine: bool = True  # official cosine annealing to lr * 0.1^3 over the schedule
+
+
+def positional_encoding_2d(dims: int, height: int, width: int) -> torch.Tensor:
+    """[dims, H, W] sinusoidal encoding: first half sin/cos of the x position, second half of y (official formula)."""
+    if dims % 4:
+        raise ConfigError(f"condition_dims must be a multiple of 4, got {dims}")
+    half = dims // 2
+    div = torch.exp(torch.arange(0.0, half, 2) * -(math.log(1e4) / half))
+    pos_w = torch.arange(0.0, width).unsqueeze(1)
+    pos_h = torch.arange(0.0, height).unsqueeze(1)
+    pe = torch.zeros(dims, height, width)
+    pe[0:half:2] = torch.sin(pos_w * div).T.unsqueeze(1).expand(-1, height, -1)
+    pe[1:half:2] = torch.cos(pos_w * div).T.unsqueeze(1).expand(-1, height, -1)
+    pe[half::2] = torch.sin(pos_h * div).T.unsqueeze(2).expand(-1, -1, width)
+    pe[half + 1 :: 2] = torch.cos(pos_h * div).T.unsqueeze(2).expand(-1, -1, width)
+    return pe
+
+
+def subnet_fc(c_in: int, c_out: int) -> nn.Module:
+    """FrEIA subnet factory: Linear(d, 2d)-ReLU-Linear(2d, out) (official ``subnet_fc``)."""
+    return nn.Sequential(nn.Linear(c_in, 2 * c_in), nn.ReLU(), nn.Linear(2 * c_in, c_out))
+
+
+def build_flow(channels: int, cfg: CFlowConfig) -> Ff.SequenceINN:
+    """A conditional flow over C-dim fibers: ``cfg.coupling_blocks`` AllInOneBlocks conditioned on the encoding."""
+    flow = Ff.SequenceINN(channels)
+    for _ in range(cfg.coupling_blocks):
+        flow.append(Fm.AllInOneBlock, cond=0, cond_shape=(cfg.condition_dims,), subnet_constructor=subnet_fc,
+                    affine_clamping=cfg.clamp, global_affine_type="SOFTPLUS", permute_soft=cfg.permute_soft)
+    return flow
+
+
+def log_prob_per_dim(z: torch.Tensor, log_jac: torch.Tensor) -> torch.Tensor:
+    """log p(x) / C of each fiber [N] (the official ``get_logp`` divided by C)."""
+    c = z.shape[1]
+    return (-c * _LOG_SQRT_2PI - 0.5 * torch.sum(z**2, dim=1) + log_jac) / c
+
+
+def fiber_loss(log_p: torch.Tensor, kind: str) -> torch.Tensor:
+    """Official -logsigmoid(log p / C) averaged over fibers, or plain per-dimension NLL."""
+    return -F.logsigmoid(log_p).mean() if kind == "logsigmoid" else -log_p.mean()
+
+
+@register_model("cflow")
+class CFlow(Detector):
+    """CFLOW-AD: one conditional flow per feature stage, trained on positional-conditioned fibers."""
+
+    Config = CFlowConfig
+    PRESETS = {"paper": {"epochs": 200, "warmup_epochs": 16, "permute_soft": True}}  # official 25 x 8, 2 x 8 warm-up
+
+    def __init__(self, extractor: FeatureExtractor, image_size: int, config: CFlowConfig) -> None:
+        super().__init__(extractor, image_size, config)
+        if config.loss not in ("logsigmoid", "nll"):
+            raise ConfigError(f"cflow loss must be logsigmoid or nll, got {config.loss!r}")
+        shapes = extractor.feature_shapes(image_size)
+        self.flows = nn.ModuleList(build_flow(c, config) for c, _, _ in shapes)
+        for i, (_, h, w) in enumerate(shapes):
+            self.register_buffer(f"pos{i}", positional_encoding_2d(config.condition_dims, h, w))
+        self.register_buffer("train_max", torch.zeros(len(shapes)))
+
+    def _fibers(self, i: int, feat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B,C,H,W] -> fibers [B*H*W, C] and their conditions [B*H*W, P]."""
+        b, c, h, w = feat.shape
+        pos = getattr(self, f"pos{i}")
+        cond = pos.unsqueeze(0).expand(b, -1, -1, -1).permute(0, 2, 3, 1).reshape(-1, pos.shape[0])
+        return feat.permute(0, 2, 3, 1).reshape(-1, c), cond
+
+    def log_prob_maps(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Per-dimension log-likelihood of every position, [B, H, W] per stage (all fibers at once)."""
+        maps = []
+        for i, (feat, flow) in enumerate(zip(features, self.flows, strict=True)):
+            x, cond = self._fibers(i, feat)
+            z, log_jac = flow(x, c=[cond])
+            b, _, h, w = feat.shape
+            maps.append(log_prob_per_dim(z, log_jac).reshape(b, h, w))
+        return maps
+
+    def fit(self, features: FeatureStore, progress: Progress = NULL_PROGRESS) -> dict[str, list[float]]:
+        cfg, device = self.config, self.device
+        gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, (1,))))
+
+        def batches(epoch: int):
+            for feats in features.batches(cfg.batch_size, gen):
+                for i, feat in enumerate(feats):
+                    x, cond = self._fibers(i, feat.to(device))
+                    order = torch.randperm(len(x), generator=gen).to(device)
+                    for start in range(0, len(x), cfg.fiber_batch):
+                        idx = order[start : start + cfg.fiber_batch]
+                        yield i, x[idx], cond[idx]
+
+        def loss(batch) -> torch.Tensor:
+            i, x, cond = batch
+            z, log_jac = self.flows[i](x, c=[cond])
+            return fiber_loss(log_prob_per_dim(z, log_jac), cfg.loss)
+
+        def lr_factor(epoch: int) -> float:
+            if epoch < cfg.warmup_epochs:
+                return 0.1 + 0.9 * epoch / cfg.warmup_epochs
+            if not cfg.cosine:
+                return 1.0
+            eta_min = 0.1**3
+            return eta_min + (1 - eta_min) * 0.5 * (1 + math.cos(math.pi * epoch / max(cfg.epochs, 1)))
+
+        self.train()
+        stage = Stage(name="cflow", params=list(self.flows.parameters()), loss=loss, batches=batches,
+                      epochs=cfg.epochs, lr=cfg.lr, lr_factor=lr_factor)
+        history = run_stage(stage, progress)
+        self.eval()
+        with torch.no_grad():  # training-set maximum of each stage's log-likelihood, for the anomaly map
+            top = torch.full((len(self.flows),), -torch.inf, device=device)
+            for feats in features.batches(cfg.batch_size):
+                maps = self.log_prob_maps([f.to(device) for f in feats])
+                top = torch.maximum(top, torch.stack([m.max() for m in maps]))
+            self.train_max.copy_(top)
+        return {"cflow": history}
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> Prediction:
+        maps = self.log_prob_maps(self.extractor(images.to(self.device)))
+        size = (self.image_size, self.image_size)
+        score = sum(
+            F.interpolate(torch.exp(m - top).unsqueeze(1), size=size, mode="bilinear", align_corners=True)[:, 0]
+            for m, top in zip(maps, self.train_max, strict=True)
+        )
+        amap = len(maps) - score  # constant minus likelihood: batch-independent inversion (official: test-set max)
+        return Prediction(score=amap.flatten(1).max(dim=1).values, anomaly_map=amap)
