@@ -203,3 +203,14 @@ def test_run_cflow_on_synthetic_default(tmp_path):
     r = json.loads(path.read_text())
     assert r["config"]["coupling_blocks"] == 2 and r["model"] == "cflow"
     assert all(0 <= v <= 1 for v in r["metrics"].values()) and r["timing"]["test_images_per_s"] > 0
+
+
+@pytest.mark.parametrize("model", ["fastflow", "cflow"])
+def test_roofline_script(model):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "scripts/roofline.py", "--model", model, "--image-size", "64", "--batch",
+                           "2"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "roofline" in proc.stdout and "GFLOP/image" in proc.stdout
