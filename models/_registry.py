@@ -111,6 +111,10 @@ _RANGES = {
     "lr": (lambda v: math.isfinite(v) and v > 0, "a positive number"),
     "weight_decay": (lambda v: math.isfinite(v) and v >= 0, ">= 0"),
     "flow_steps": (lambda v: v >= 1, ">= 1"),
+    "coupling_blocks": (lambda v: v >= 1, ">= 1"),
+    "fiber_batch": (lambda v: v >= 1, ">= 1"),
+    "warmup_epochs": (lambda v: v >= 0, ">= 0"),
+    "condition_dims": (lambda v: v >= 4 and v % 4 == 0, "a positive multiple of 4"),
     "hidden_ratio": (lambda v: math.isfinite(v) and v > 0, "> 0"),
     "clamp": (lambda v: math.isfinite(v) and v > 0, "> 0"),
 }

@@ -80,3 +80,12 @@ def test_map_does_not_depend_on_the_test_batch(small):
     parts = torch.cat([model.predict(images[i : i + 2]).anomaly_map for i in range(0, 6, 2)])
     single = model.predict(images[4:5]).anomaly_map
     assert torch.allclose(whole, parts, atol=1e-5) and torch.allclose(whole[4:5], single, atol=1e-5)
+
+
+def test_bad_cflow_values_are_config_errors():
+    from adbench.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="fiber_batch=0 is invalid"):
+        resolve_config("cflow", "resnet18", {"fiber_batch": "0"})
+    with pytest.raises(ConfigError, match="condition_dims=30 is invalid; it must be a positive multiple of 4"):
+        resolve_config("cflow", "resnet18", {"condition_dims": "30"})
