@@ -27,9 +27,9 @@ def _column(frame: pd.DataFrame) -> pd.Series:
     so runs that differ in anything but the seed never share a column.
     """
     setting = frame.backbone.astype(str) + "@" + frame.image_size.astype(str)
-    full = setting + " " + frame.setting.astype(str)
-    several = frame.assign(s=full).groupby("model").s.transform("nunique") > 1
-    label = setting.where(frame.assign(s=full).groupby(["model", setting]).s.transform("nunique") == 1,
+    with_full = frame.assign(s=setting + " " + frame.setting.astype(str))
+    several = with_full.groupby("model").s.transform("nunique") > 1
+    label = setting.where(with_full.groupby(["model", setting]).s.transform("nunique") == 1,
                           setting + " #" + frame.setting.astype(str))
     return frame.model.where(~several, frame.model + " (" + label + ")")
 

@@ -116,8 +116,10 @@ def run_one(spec: RunSpec, progress: Progress = NULL_PROGRESS) -> Path:
     test = AnomalyDataset(family, spec.category, "test", spec.image_size)
     seed_everything(spec.seed)
     extractor = create_extractor(spec.backbone, config.layers, spec.weights).to(device)
-    key = cache_key(backbone=spec.backbone, weights=extractor.weights_source, layers=config.layers,
-                    size=spec.image_size, dataset=spec.dataset, device=device.type, files=_fingerprint(train))
+    key = None
+    if spec.cache_dir is not None:  # only a persistent cache needs a key (it stats every training file)
+        key = cache_key(backbone=spec.backbone, weights=extractor.weights_source, layers=config.layers,
+                        size=spec.image_size, dataset=spec.dataset, device=device.type, files=_fingerprint(train))
     t0 = time.perf_counter()
     store, backbone_s = extract_features(extractor, train, batch_size=config.batch_size, device=device,
                                          cache_dir=spec.cache_dir, key=key, progress=progress)

@@ -49,6 +49,10 @@ class CFlowConfig:
     warmup_epochs: int = 0  # official: linear warm-up from lr/10 over 2 meta-epochs (= 16 passes, preset "paper")
     cosine: bool = True  # official cosine annealing to lr * 0.1^3 over the schedule
 
+    def __post_init__(self) -> None:
+        if self.loss not in ("logsigmoid", "nll"):  # checked when the config is resolved, before any work
+            raise ConfigError(f"cflow loss must be logsigmoid or nll, got {self.loss!r}")
+
 
 def positional_encoding_2d(dims: int, height: int, width: int) -> torch.Tensor:
     """[dims, H, W] sinusoidal encoding: first half sin/cos of the x position, second half of y (official formula)."""
@@ -100,8 +104,6 @@ class CFlow(Detector):
 
     def __init__(self, extractor: FeatureExtractor, image_size: int, config: CFlowConfig) -> None:
         super().__init__(extractor, image_size, config)
-        if config.loss not in ("logsigmoid", "nll"):
-            raise ConfigError(f"cflow loss must be logsigmoid or nll, got {config.loss!r}")
         shapes = extractor.feature_shapes(image_size)
         self.flows = nn.ModuleList(build_flow(c, config) for c, _, _ in shapes)
         for i, (_, h, w) in enumerate(shapes):

@@ -89,3 +89,5 @@ def test_bad_cflow_values_are_config_errors():
         resolve_config("cflow", "resnet18", {"fiber_batch": "0"})
     with pytest.raises(ConfigError, match="condition_dims=30 is invalid; it must be a positive multiple of 4"):
         resolve_config("cflow", "resnet18", {"condition_dims": "30"})
+    with pytest.raises(ConfigError, match="cflow loss must be logsigmoid or nll, got 'mse'"):
+        resolve_config("cflow", "resnet18", {"loss": "mse"})
