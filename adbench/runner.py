@@ -157,6 +157,7 @@ def run_one(spec: RunSpec, progress: Progress = NULL_PROGRESS) -> Path:
             "eval_resolution": f"{spec.image_size}x{spec.image_size} (images bilinear, masks nearest)",
             "mask_binarisation": f"> {family.mask_threshold} after resizing",
             "aupr": "average precision (step-wise)", "aupro": "exact MVTec AD definition, FPR limit 0.3",
+            **detector.protocol(),
         },
         **environment(device),
         "command": _command_line(),
@@ -213,5 +214,7 @@ def predict_all(detector, images: torch.Tensor, batch_size: int, device: torch.d
             scores.append(score.numpy())
             maps.append(amap.numpy())
             advance(len(batch))
-    return np.concatenate(scores), np.concatenate(maps), seconds
+    t0 = time.perf_counter()
+    scores, maps = detector.finalize(np.concatenate(scores), np.concatenate(maps))
+    return scores, maps, seconds + time.perf_counter() - t0
 

@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -52,6 +53,18 @@ class Detector(nn.Module):
     def predict(self, images: torch.Tensor) -> Prediction:
         """Score a batch of images (uint8 or [0, 1] float, [B, 3, S, S]); maps are [B, S, S], higher = anomalous."""
         raise NotImplementedError
+
+    def calibrate(self, features: FeatureStore) -> None:
+        """Training-set statistics the maps need (called at the end of ``fit``; scripts that evaluate mid-training
+        call it before predicting). Nothing by default."""
+
+    def finalize(self, scores: np.ndarray, maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Post-process the predictions of the whole test split (identity unless a protocol needs the whole split)."""
+        return scores, maps
+
+    def protocol(self) -> dict[str, str]:
+        """How scores and maps are made, recorded in the result's ``protocol``."""
+        return {}
 
 
 MODELS: Registry[type[Detector]] = Registry("model")

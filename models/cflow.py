@@ -17,6 +17,7 @@ import math
 from dataclasses import dataclass
 
 import FrEIA.framework as Ff
+import numpy as np
 import FrEIA.modules as Fm
 import torch
 import torch.nn.functional as F
@@ -48,10 +49,15 @@ class CFlowConfig:
     epochs: int = 3  # adbench CPU default (passes over the data); official 25 meta-epochs x 8 sub-epochs = 200
     warmup_epochs: int = 0  # official: linear warm-up from lr/10 over 2 meta-epochs (= 16 passes, preset "paper")
     cosine: bool = True  # official cosine annealing to lr * 0.1^3 over the schedule
+    normalization: str = "train"  # adbench: subtract each stage's TRAINING-set max log p (batch-independent maps);
+    # "official" = the official code's test-set max (``train.py``), for reproducing the paper protocol: every score
+    # then depends on the whole test set; the result's protocol says which was used
 
     def __post_init__(self) -> None:
         if self.loss not in ("logsigmoid", "nll"):  # checked when the config is resolved, before any work
             raise ConfigError(f"cflow loss must be logsigmoid or nll, got {self.loss!r}")
+        if self.normalization not in ("train", "official"):
+            raise ConfigError(f"cflow normalization must be train or official, got {self.normalization!r}")
 
 
 def positional_encoding_2d(dims: int, height: int, width: int) -> torch.Tensor:
@@ -95,6 +101,50 @@ def fiber_loss(log_p: torch.Tensor, kind: str) -> torch.Tensor:
     return -F.logsigmoid(log_p).mean() if kind == "logsigmoid" else -log_p.mean()
 
 
+def fused_log_prob(flow: Ff.SequenceINN, feat: torch.Tensor, pos: torch.Tensor, rows: int = 2048) -> torch.Tensor:
+    """log p / C of every fiber of ``feat`` [B, C, H, W] under ``flow`` conditioned on ``pos`` [P, H, W]: [B, H*W].
+
+    Computes what ``flow(x, c=[cond])`` computes (FrEIA ``AllInOneBlock``: affine coupling with the subnet on
+    [x1, cond], soft clamp, global affine, permutation; ``tests/test_cflow.py`` checks they agree) with three savings
+    that change no result: the first subnet layer's condition columns depend only on the position, so W_c @ cond + b
+    is computed once per position and enters the product as its addend instead of once per fiber (about half the
+    flows' FLOPs); a hard permutation is an index, not a C x C product; and all blocks run on chunks of about
+    ``rows`` fibers, which stay in cache, with in-place activations (the element-wise passes cost as much as the
+    products when every block streams the whole batch through memory).
+    """
+    b, c, h, w = feat.shape
+    per_chunk = max(1, min(b, rows // (h * w)))  # whole images per chunk, so the position addend lines up
+    cond = pos.flatten(1).T  # [H*W, P]
+    c1 = c - c // 2  # FrEIA's split: x1 (the subnet's input) gets the larger half
+    blocks = []
+    for block in flow.module_list:
+        first, act, last = block.subnet
+        if not isinstance(act, nn.ReLU):
+            raise TypeError("fused_log_prob expects the subnet Linear-ReLU-Linear (subnet_fc)")
+        addend = torch.addmm(first.bias, cond, first.weight[:, c1:].T).repeat(per_chunk, 1)
+        scale = block.global_scale_activation(block.global_scale).view(c)
+        perm = block.w_perm.view(c, c)
+        index = perm.argmax(dim=1)
+        hard = bool(torch.equal(perm, torch.eye(c, dtype=perm.dtype, device=perm.device)[index]))
+        blocks.append((addend, first.weight[:, :c1].T, last, block.clamp, scale, block.global_offset.view(c),
+                       index if hard else perm.T, torch.log(scale).sum()))
+    fibers = feat.permute(0, 2, 3, 1).reshape(-1, c)
+    out = torch.empty(len(fibers), dtype=fibers.dtype, device=fibers.device)
+    for start in range(0, len(fibers), per_chunk * h * w):
+        x = fibers[start : start + per_chunk * h * w]
+        n = len(x)
+        log_jac = torch.zeros(n, dtype=x.dtype, device=x.device)
+        for addend, w_x, last, clamp, scale, offset, perm, log_scale in blocks:
+            x1, x2 = x[:, :c1], x[:, c1:]
+            a = torch.addmm(last.bias, torch.addmm(addend[:n], x1, w_x).relu_(), last.weight.T).mul_(0.1)
+            s = torch.tanh(a[:, : c - c1]).mul_(clamp)  # FrEIA: a *= 0.1, s = clamp * tanh(a_s)
+            x = torch.cat((x1, torch.addcmul(a[:, c - c1 :], x2, torch.exp(s))), dim=1).mul_(scale).add_(offset)
+            x = x[:, perm] if perm.dtype == torch.long else x @ perm
+            log_jac += s.sum(dim=1) + log_scale
+        out[start : start + n] = (-c * _LOG_SQRT_2PI - 0.5 * (x * x).sum(dim=1) + log_jac) / c
+    return out.reshape(b, h * w)
+
+
 @register_model("cflow")
 class CFlow(Detector):
     """CFLOW-AD: one conditional flow per feature stage, trained on positional-conditioned fibers."""
@@ -109,6 +159,8 @@ class CFlow(Detector):
         for i, (_, h, w) in enumerate(shapes):
             self.register_buffer(f"pos{i}", positional_encoding_2d(config.condition_dims, h, w))
         self.register_buffer("train_max", torch.zeros(len(shapes)))
+        self._test_maps: list[list[torch.Tensor]] = []  # "official" normalization: log p maps seen by predict
+        self.fused = True  # inference through ``fused_log_prob`` (False: FrEIA's forward; same numbers, slower)
 
     def _fibers(self, i: int, feat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[B,C,H,W] -> fibers [B*H*W, C] and their conditions [B*H*W, P]."""
@@ -117,13 +169,20 @@ class CFlow(Detector):
         cond = pos.unsqueeze(0).expand(b, -1, -1, -1).permute(0, 2, 3, 1).reshape(-1, pos.shape[0])
         return feat.permute(0, 2, 3, 1).reshape(-1, c), cond
 
-    def log_prob_maps(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Per-dimension log-likelihood of every position, [B, H, W] per stage (all fibers at once)."""
+    def log_prob_maps(self, features: list[torch.Tensor], fused: bool = True) -> list[torch.Tensor]:
+        """Per-dimension log-likelihood of every position, [B, H, W] per stage (all fibers of the batch at once).
+
+        ``fused`` evaluates the same function as the FrEIA flows with the condition's share of each first subnet
+        layer computed once per position instead of once per fiber (``fused_log_prob``); False calls FrEIA.
+        """
         maps = []
         for i, (feat, flow) in enumerate(zip(features, self.flows, strict=True)):
+            b, _, h, w = feat.shape
+            if fused:
+                maps.append(fused_log_prob(flow, feat, getattr(self, f"pos{i}")).reshape(b, h, w))
+                continue
             x, cond = self._fibers(i, feat)
             z, log_jac = flow(x, c=[cond])
-            b, _, h, w = feat.shape
             maps.append(log_prob_per_dim(z, log_jac).reshape(b, h, w))
         return maps
 
@@ -157,22 +216,51 @@ class CFlow(Detector):
         stage = Stage(name="cflow", params=list(self.flows.parameters()), loss=loss, batches=batches,
                       epochs=cfg.epochs, lr=cfg.lr, lr_factor=lr_factor)
         history = run_stage(stage, progress)
-        self.eval()
-        with torch.no_grad():  # training-set maximum of each stage's log-likelihood, for the anomaly map
-            top = torch.full((len(self.flows),), -torch.inf, device=device)
-            for feats in features.batches(cfg.batch_size):
-                maps = self.log_prob_maps([f.to(device) for f in feats])
-                top = torch.maximum(top, torch.stack([m.max() for m in maps]))
-            self.train_max.copy_(top)
+        self.calibrate(features)
         return {"cflow": history}
 
     @torch.no_grad()
-    def predict(self, images: torch.Tensor) -> Prediction:
-        maps = self.log_prob_maps(self.extractor(images.to(self.device)))
+    def calibrate(self, features: FeatureStore) -> None:
+        """Store each stage's maximum log-likelihood over the training set (the anomaly map's reference)."""
+        self.eval()
+        top = torch.full((len(self.flows),), -torch.inf, device=self.device)
+        for feats in features.batches(self.config.batch_size):
+            maps = self.log_prob_maps([f.to(self.device) for f in feats])
+            top = torch.maximum(top, torch.stack([m.max() for m in maps]))
+        self.train_max.copy_(top)
+        self._test_maps.clear()
+
+    def _anomaly_map(self, maps: list[torch.Tensor], tops) -> torch.Tensor:
+        """Sum over stages of exp(log p - top), bilinear to the input size, inverted: constant - likelihood."""
         size = (self.image_size, self.image_size)
-        score = sum(
+        likelihood = sum(
             F.interpolate(torch.exp(m - top).unsqueeze(1), size=size, mode="bilinear", align_corners=True)[:, 0]
-            for m, top in zip(maps, self.train_max, strict=True)
+            for m, top in zip(maps, tops, strict=True)
         )
-        amap = len(maps) - score  # constant minus likelihood: batch-independent inversion (official: test-set max)
+        return len(maps) - likelihood
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> Prediction:
+        maps = self.log_prob_maps(self.extractor(images.to(self.device)), fused=self.fused)
+        if self.config.normalization == "official":  # kept for ``finalize``, which needs the whole test set
+            self._test_maps.append([m.cpu() for m in maps])
+        amap = self._anomaly_map(maps, self.train_max)
         return Prediction(score=amap.flatten(1).max(dim=1).values, anomaly_map=amap)
+
+    def finalize(self, scores: np.ndarray, maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Official mode: recompute every map with the test-set maximum of each stage (cflow-ad ``train.py``)."""
+        if self.config.normalization != "official":
+            return scores, maps
+        stages = [torch.cat(parts) for parts in zip(*self._test_maps, strict=True)]
+        self._test_maps.clear()
+        tops = [m.max() for m in stages]
+        likelihood = torch.cat([-self._anomaly_map([m[i : i + 64] for m in stages], tops)
+                                for i in range(0, len(stages[0]), 64)])
+        amap = (likelihood.max() - likelihood).numpy()  # official: score_map.max() - score_map over the test set
+        return amap.reshape(len(amap), -1).max(axis=1), amap
+
+    def protocol(self) -> dict[str, str]:
+        if self.config.normalization == "official":
+            return {"map_normalization": "official: test-set maximum per stage, so scores depend on the whole "
+                                         "test set (cflow-ad train.py)"}
+        return {"map_normalization": "training-set maximum per stage (maps do not depend on the test set)"}

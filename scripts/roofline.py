@@ -2,7 +2,8 @@
 
 Usage: python scripts/roofline.py --model cflow [--backbone tf_efficientnet_lite0] [--image-size 256]
 t_backbone = measured backbone time per image, F_head = FLOPs of the detector head per image (torch flop counter),
-P = FLOP/s of a large fp32 matrix product on this machine. Weights do not change FLOPs or speed, so the head is
+P = FLOP/s of a large fp32 matrix product on this machine. For CFLOW both inference paths are
+measured in the same run: FrEIA's forward (the paper's FLOPs) and the fused one (fewer FLOPs, same maps). Weights do not change FLOPs or speed, so the head is
 untrained; random images at batch size 32.
 """
 
@@ -43,17 +44,23 @@ def main() -> None:
     det = create_model(args.model, ext, args.image_size, cfg).eval()
     images = torch.randint(0, 256, (args.batch, 3, args.image_size, args.image_size), dtype=torch.uint8)
     t_backbone = best_of(lambda: ext(images)) / args.batch
-    feats = ext(images[:1])
-    head = det.log_prob_maps if hasattr(det, "log_prob_maps") else det
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        head(feats)
-    flops = counter.get_total_flops()
-    t_total = best_of(lambda: det.predict(images)) / args.batch
-    roof = 1 / (t_backbone + flops / peak)
-    print(f"matmul fp32: {peak / 1e9:.1f} GFLOP/s; backbone: {1 / t_backbone:.1f} images/s; "
-          f"head: {flops / 1e9:.2f} GFLOP/image")
-    print(f"roofline {roof:.1f} images/s; measured {1 / t_total:.1f} images/s = {100 / (roof * t_total):.0f}% of it")
-
+    with torch.no_grad():
+        feats = ext(images)  # FLOPs counted on the whole batch, per image: CFLOW's position terms are per batch
+    print(f"matmul fp32: {peak / 1e9:.1f} GFLOP/s; backbone: {1 / t_backbone:.1f} images/s")
+    # CFLOW has two inference paths computing the same maps: FrEIA's forward (the paper's FLOPs) and the fused one
+    paths = [True, False] if hasattr(det, "fused") else [None]
+    for fused in paths:
+        if fused is not None:
+            det.fused = fused
+        head = (lambda f: det.log_prob_maps(f, fused=fused)) if fused is not None else det
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            head(feats)
+        flops = counter.get_total_flops() / args.batch
+        t_total = best_of(lambda: det.predict(images)) / args.batch
+        roof = 1 / (t_backbone + flops / peak)
+        name = {True: "fused", False: "FrEIA", None: args.model}[fused]
+        print(f"{name}: head {flops / 1e9:.2f} GFLOP/image; roofline {roof:.1f} images/s; "
+              f"measured {1 / t_total:.1f} images/s = {100 / (roof * t_total):.0f}% of it")
 
 if __name__ == "__main__":
     main()

@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
+
+import numpy as np
 
 import pytest
 import torch
 
 from adbench.features import FeatureStore, create_extractor
 from adbench.models import create_model, resolve_config
-from adbench.models.cflow import CFlowConfig, build_flow, fiber_loss, log_prob_per_dim, positional_encoding_2d
+from adbench.errors import ConfigError
+from adbench.models.cflow import (
+    CFlowConfig,
+    build_flow,
+    fiber_loss,
+    fused_log_prob,
+    log_prob_per_dim,
+    positional_encoding_2d,
+)
 
 
 @pytest.fixture(scope="module")
@@ -83,11 +94,49 @@ def test_map_does_not_depend_on_the_test_batch(small):
 
 
 def test_bad_cflow_values_are_config_errors():
-    from adbench.errors import ConfigError
-
     with pytest.raises(ConfigError, match="fiber_batch=0 is invalid"):
         resolve_config("cflow", "resnet18", {"fiber_batch": "0"})
     with pytest.raises(ConfigError, match="condition_dims=30 is invalid; it must be a positive multiple of 4"):
         resolve_config("cflow", "resnet18", {"condition_dims": "30"})
     with pytest.raises(ConfigError, match="cflow loss must be logsigmoid or nll, got 'mse'"):
         resolve_config("cflow", "resnet18", {"loss": "mse"})
+
+
+@pytest.mark.parametrize("soft", [False, True])
+def test_fused_inference_equals_freia(soft):
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(CFlowConfig(), coupling_blocks=3, condition_dims=8, permute_soft=soft)
+    flow = build_flow(7, cfg).eval()
+    with torch.no_grad():
+        for p in flow.parameters():  # move away from the identity-like initialisation
+            p += 0.2 * torch.randn_like(p) if p.requires_grad else 0
+        feat, pos = torch.randn(5, 7, 3, 4), positional_encoding_2d(8, 3, 4)
+        x = feat.permute(0, 2, 3, 1).reshape(-1, 7)
+        cond = pos.unsqueeze(0).expand(5, -1, -1, -1).permute(0, 2, 3, 1).reshape(-1, 8)
+        z, log_jac = flow(x, c=[cond])
+        reference = log_prob_per_dim(z, log_jac).reshape(5, 12)
+        for rows in (1, 24, 30, 10_000):  # chunks of 1, 2 (uneven tail) and all images
+            assert torch.allclose(fused_log_prob(flow, feat, pos, rows=rows), reference, atol=1e-5)
+
+
+def test_official_normalization_uses_the_test_set_maximum(small):
+    model, _ = small
+    official = copy.deepcopy(model)
+    official.config = dataclasses.replace(model.config, normalization="official")
+    images = torch.rand(6, 3, 64, 64)
+    preds = [official.predict(images[i : i + 4]) for i in (0, 4)]
+    scores, maps = official.finalize(torch.cat([p.score for p in preds]).numpy(),
+                                     torch.cat([p.anomaly_map for p in preds]).numpy())
+    with torch.no_grad():
+        log_p = model.log_prob_maps(model.extractor(images))
+    likelihood = sum(torch.nn.functional.interpolate(torch.exp(m - m.max()).unsqueeze(1), size=(64, 64),
+                                                     mode="bilinear", align_corners=True)[:, 0] for m in log_p)
+    expected = likelihood.max() - likelihood
+    assert np.allclose(maps, expected.numpy(), atol=1e-5) and np.allclose(scores, maps.max(axis=(1, 2)))
+    assert official.protocol()["map_normalization"].startswith("official")
+    assert model.protocol()["map_normalization"].startswith("training-set")
+    train_scores = np.concatenate([p.score.numpy() for p in preds])
+    same = model.finalize(train_scores, maps)  # the default mode changes nothing
+    assert same[0] is train_scores and same[1] is maps
+    with pytest.raises(ConfigError, match="normalization must be train or official"):
+        resolve_config("cflow", "resnet18", {"normalization": "test"})
