@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test lint bench reproduce clean
 
 install: $(STAMP)
 
@@ -23,6 +23,16 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest
+
+# Every detector on the same data (MTD under ADBENCH_DATA, else synthetic), 256 px, Lite0: results/bench.md + README.
+bench: install
+	$(BIN)/python scripts/bench.py --readme README.md
+
+# The published grid (4 detectors x MVTec AD + BTAD x 3 seeds, paper settings): a GPU job; needs the datasets.
+reproduce: install
+	@echo "make reproduce: every detector at paper settings on MVTec AD + BTAD, 3 seeds (a GPU job; needs mvtec/ and btad/ under ADBENCH_DATA: adbench download mvtec, adbench download btad). Cells: adbench sweep grids/reproduce.toml --dry-run"
+	$(BIN)/adbench sweep grids/reproduce.toml --results-dir results/reproduce $(SWEEP_ARGS)
+	$(BIN)/adbench report --results-dir results/reproduce --output results/reproduce.md
 
 lint: install
 	$(BIN)/ruff check .

@@ -101,6 +101,12 @@ def run(
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a config field: key=value.")] = None,
     preset: Annotated[str | None, typer.Option(help="Named config preset, e.g. 'paper' (full schedule).")] = None,
     cache_dir: Annotated[Path | None, typer.Option(help="Keep extracted features here across runs.")] = None,
+    save_maps: Annotated[
+        bool | None,
+        typer.Option("--save-maps/--no-save-maps", show_default=False,
+                     help="Write maps.png (anomaly maps of the most telling test images), roc.png and pro.png next "
+                          "to result.json. Default: on when the test split has at most 300 images."),
+    ] = None,
 ) -> None:
     """Train one detector on one category (or all) and write result.json per run."""
     from adbench.runner import RunSpec
@@ -114,7 +120,8 @@ def run(
             overrides["batch_size"] = batch_size
         spec = RunSpec(model=model, dataset=dataset, category=category, data_root=data_root, root=root,
                        backbone=backbone, weights=weights, image_size=image_size, seed=seed, device=device,
-                       results_dir=results_dir, overrides=overrides, preset=preset, cache_dir=cache_dir)
+                       results_dir=results_dir, overrides=overrides, preset=preset, cache_dir=cache_dir,
+                       save_maps=save_maps)
         progress = RichProgress()
         with progress.bar:
             folders = run_spec(spec, progress)
@@ -136,17 +143,72 @@ def run(
 def report(
     results_dir: Annotated[Path, typer.Option(help="Where the runs are (RESULTS_DIR/runs/).")] = Path("results"),
     output: Annotated[Path | None, typer.Option(help="Also write the markdown here.")] = None,
+    figures: Annotated[
+        bool, typer.Option(help="Also write PNG charts next to --output and embed them: bars per metric, "
+                                "speed vs Image AUROC, Image AUROC per category.")
+    ] = False,
+    published: Annotated[
+        Path | None, typer.Option(help="Folder of published-number CSVs shown beside ours (default: results/published "
+                                       "of this repository).")
+    ] = None,
 ) -> None:
     """Print markdown tables of every run found: one per metric, a mean row per dataset."""
-    from adbench.report import build_report
+    from adbench.report import report_with_figures
 
     with _errors():
-        text = build_report(results_dir)
+        if figures and output is None:
+            raise ConfigError("--figures needs --output FILE.md (the PNGs are written next to it)")
+        text, pngs = report_with_figures(results_dir, output.stem if figures and output is not None else None,
+                                         published)
         print(text)
         if output is not None:
             output.parent.mkdir(parents=True, exist_ok=True)
+            for name, png in pngs.items():
+                (output.parent / name).write_bytes(png)
             output.write_text(text)
-            console.print(f"wrote {output}", highlight=False)
+            console.print(f"wrote {output}" + (f" and {len(pngs)} figures next to it" if pngs else ""), highlight=False)
+
+
+@app.command()
+def sweep(
+    grid: Annotated[Path, typer.Argument(help="Grid file (TOML): models, datasets, seeds, [overrides], [model.X].")],
+    results_dir: Annotated[Path, typer.Option(help="Runs go to RESULTS_DIR/runs/.")] = Path("results"),
+    executor: Annotated[str, typer.Option(help="local, submitit-local or slurm.")] = "local",
+    data_root: Annotated[
+        Path | None, typer.Option(envvar="ADBENCH_DATA", help="Folder holding mvtec/, btad/, mtd/.")
+    ] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List the cells and their settings; run nothing.")] = False,
+) -> None:
+    """Run every cell of a grid that has not been run yet (resumable; failures are recorded, the rest go on)."""
+    from adbench.results import check_writable
+    from adbench.sweep import expand, load_grid, run_sweep
+
+    with _errors():
+        spec = load_grid(grid)
+        cells = expand(spec, results_dir, data_root, need_data=not dry_run)
+        if dry_run:
+            from adbench.sweep import done_cells
+
+            done = done_cells(results_dir)
+            for cell in cells:
+                state = "done" if cell.key in done else "todo"
+                print(f"{state}  {cell.name}  {cell.settings()}")
+            todo = sum(c.key not in done for c in cells)
+            console.print(f"{len(cells)} cells, {todo} to run", highlight=False)
+            return
+        check_writable(results_dir)
+        counts: dict[str, int] = {}
+
+        def show(status: dict) -> None:
+            counts[status["status"]] = counts.get(status["status"], 0) + 1
+            extra = status.get("error") or status.get("path") or ""
+            console.print(f"{status['status']:6s} {status['name']}  {extra}", highlight=False, soft_wrap=True)
+
+        run_sweep(cells, executor, spec.get("slurm"), on_result=show)
+        summary = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
+        console.print(f"{len(cells)} cells: {summary}", highlight=False)
+        if counts.get("failed"):
+            raise AdbenchError(f"{counts['failed']} cell(s) failed; their errors are in {results_dir / 'failures'}")
 
 
 class Listable(str, Enum):

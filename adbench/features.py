@@ -187,12 +187,16 @@ class FeatureStore:
     def __len__(self) -> int:
         return len(self.tensors[0])
 
-    def batches(self, batch_size: int, generator: torch.Generator | None = None) -> Iterator[list[torch.Tensor]]:
-        """Mini-batches of all layers; shuffled when a generator is given."""
+    def index_batches(self, batch_size: int, generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+        """Row indices of each mini-batch; shuffled when a generator is given."""
         n = len(self)
         order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
         for start in range(0, n, batch_size):
-            idx = order[start : start + batch_size]
+            yield order[start : start + batch_size]
+
+    def batches(self, batch_size: int, generator: torch.Generator | None = None) -> Iterator[list[torch.Tensor]]:
+        """Mini-batches of all layers; shuffled when a generator is given."""
+        for idx in self.index_batches(batch_size, generator):
             yield [t[idx] for t in self.tensors]
 
     def close(self) -> None:

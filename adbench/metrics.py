@@ -10,7 +10,9 @@ Definitions (reference notes, section B):
 - Pixel metrics pool every pixel of every image (good images contribute negatives only).
 - F1-max: max over the PR curve of 2PR/(P+R).
 
-Pixel AUROC, pixel AP and AUPRO share a single sort of the pooled pixel scores (see ``_descending_curve``).
+Pixel AUROC, pixel AP and AUPRO share a single sort of the pooled pixel scores (see ``_descending_curve``). The curves
+behind the areas (``roc_curve``, ``pro_curve``, ``pixel_curves``; for plots) come from the same sort and the same code,
+so an area drawn next to a curve is exactly the metric.
 """
 
 from __future__ import annotations
@@ -23,7 +25,19 @@ from scipy import ndimage
 
 from adbench.errors import ConfigError
 
-__all__ = ["aupro", "auroc", "average_precision", "compute_metrics", "f1_max"]
+__all__ = [
+    "PixelCurves",
+    "ProCurve",
+    "RocCurve",
+    "aupro",
+    "auroc",
+    "average_precision",
+    "compute_metrics",
+    "f1_max",
+    "pixel_curves",
+    "pro_curve",
+    "roc_curve",
+]
 
 # 8-connectivity inside each image, no connectivity across the image axis of an [N, H, W] stack.
 _STRUCTURE_3D = np.zeros((3, 3, 3), dtype=bool)
@@ -37,6 +51,33 @@ class _Curve(NamedTuple):
     tps: np.ndarray  # [T] int64, positives with score >= threshold
     fps: np.ndarray  # [T] int64, negatives with score >= threshold
     pro: np.ndarray | None  # [T] float64, mean region overlap at threshold (None without region weights)
+
+
+class RocCurve(NamedTuple):
+    """ROC curve points (sklearn's ``roc_curve(..., drop_intermediate=False)``) and the exact area under them."""
+
+    fpr: np.ndarray  # [T+1] float64, from 0: fraction of negatives with score >= threshold
+    tpr: np.ndarray  # [T+1] float64, from 0: fraction of positives with score >= threshold
+    thresholds: np.ndarray  # [T+1] distinct scores, descending, after a leading +inf
+    auroc: float  # equals ``auroc(scores, labels)``; NaN with a single class
+
+
+class ProCurve(NamedTuple):
+    """Per-region-overlap curve cut at the FPR limit (interpolated there) and its normalized area."""
+
+    fpr: np.ndarray  # [K] float64, from 0 up to ``fpr_limit``: fraction of anomaly-free pixels above threshold
+    pro: np.ndarray  # [K] float64, mean overlap of the ground-truth regions at the same thresholds
+    fpr_limit: float
+    aupro: float  # equals ``aupro(maps, masks, fpr_limit)``; NaN without defect or without anomaly-free pixels
+
+
+class PixelCurves(NamedTuple):
+    """Everything drawn about the pooled pixels of a test set, from one sort."""
+
+    roc: RocCurve  # pixel ROC; ``roc.auroc`` is the Pixel AUROC
+    pro: ProCurve  # ``pro.aupro`` is the AUPRO
+    f1: float  # best pixel F1 (``f1_max`` of maps vs masks)
+    f1_threshold: float  # a pixel is predicted defective when its score >= this (NaN without defect pixels)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -203,25 +244,79 @@ def _ap_from(c: _Curve) -> float:
     return float(np.sum(d_tp * precision) / tp[-1])
 
 
-def _trapezoid_to(x: np.ndarray, y: np.ndarray, x_max: float) -> float:
-    """Trapezoid area under (x, y) for x in [x[0], x_max], x non-decreasing, PRO linearly interpolated at x_max."""
-    k = int(np.searchsorted(x, x_max, side="right"))  # x[:k] <= x_max
-    area = float(np.sum(np.diff(x[:k]) * (y[1:k] + y[: k - 1])) / 2.0)
+def _cut_at(x: np.ndarray, y: np.ndarray, x_max: float) -> tuple[int, float | None]:
+    """``k`` with ``x[:k] <= x_max`` (x non-decreasing) and y linearly interpolated at x_max when the curve crosses it.
+
+    ``y_at`` is None when a point lies exactly at ``x_max`` or the curve ends before it.
+    """
+    k = int(np.searchsorted(x, x_max, side="right"))
     if k < x.size and x[k - 1] < x_max:
         x0, y0, x1, y1 = x[k - 1], y[k - 1], x[k], y[k]
-        y_at = y0 + (y1 - y0) * (x_max - x0) / (x1 - x0)
-        area += float((x_max - x0) * (y0 + y_at) / 2.0)
+        return k, y0 + (y1 - y0) * (x_max - x0) / (x1 - x0)
+    return k, None
+
+
+def _trapezoid_to(x: np.ndarray, y: np.ndarray, x_max: float) -> float:
+    """Trapezoid area under (x, y) for x in [x[0], x_max], x non-decreasing, PRO linearly interpolated at x_max."""
+    k, y_at = _cut_at(x, y, x_max)
+    area = float(np.sum(np.diff(x[:k]) * (y[1:k] + y[: k - 1])) / 2.0)
+    if y_at is not None:
+        area += float((x_max - x[k - 1]) * (y[k - 1] + y_at) / 2.0)
     return area
 
 
-def _aupro_from(c: _Curve, fpr_limit: float) -> float:
+def _pro_points(c: _Curve) -> tuple[np.ndarray, np.ndarray] | None:
+    """The whole PRO curve (FPR, PRO) from (0, 0) to (1, 1); None when it is undefined."""
     if c.pro is None or c.tps.size == 0 or c.tps[-1] == 0 or c.fps[-1] == 0:
-        return float("nan")
+        return None
     fpr = np.minimum(c.fps / float(c.fps[-1]), 1.0)
     pro = np.minimum(c.pro, 1.0)
     fpr = np.concatenate(([0.0], fpr, [1.0]))
     pro = np.concatenate(([0.0], pro, [1.0]))
-    return _trapezoid_to(fpr, pro, fpr_limit) / fpr_limit
+    return fpr, pro
+
+
+def _aupro_from(c: _Curve, fpr_limit: float) -> float:
+    points = _pro_points(c)
+    if points is None:
+        return float("nan")
+    return _trapezoid_to(*points, fpr_limit) / fpr_limit
+
+
+def _pro_curve_from(c: _Curve, fpr_limit: float) -> ProCurve:
+    """The PRO curve cut at ``fpr_limit`` (the points ``_aupro_from`` integrates) and its normalized area."""
+    points = _pro_points(c)
+    if points is None:
+        return ProCurve(np.zeros(0), np.zeros(0), fpr_limit, float("nan"))
+    fpr, pro = points
+    k, y_at = _cut_at(fpr, pro, fpr_limit)
+    if y_at is not None:
+        fpr, pro = np.append(fpr[:k], fpr_limit), np.append(pro[:k], y_at)
+    else:
+        fpr, pro = fpr[:k], pro[:k]
+    return ProCurve(fpr, pro, fpr_limit, _aupro_from(c, fpr_limit))
+
+
+def _roc_curve_from(c: _Curve) -> RocCurve:
+    """ROC points from the counts (fractions; all zero for a class that is absent) and the exact area."""
+    tp = np.concatenate(([0.0], c.tps.astype(np.float64)))
+    fp = np.concatenate(([0.0], c.fps.astype(np.float64)))
+    tpr = tp / tp[-1] if tp[-1] > 0 else tp
+    fpr = fp / fp[-1] if fp[-1] > 0 else fp
+    thresholds = np.concatenate(([np.inf], c.thresholds.astype(np.float64)))
+    return RocCurve(fpr, tpr, thresholds, _auroc_from(c))
+
+
+def _f1_from(c: _Curve) -> tuple[float, float]:
+    if c.tps.size == 0 or c.tps[-1] == 0:
+        return float("nan"), float("nan")
+    tp = c.tps.astype(np.float64)
+    precision = tp / (tp + c.fps)
+    recall = tp / tp[-1]
+    denom = precision + recall
+    f1 = np.divide(2.0 * precision * recall, denom, out=np.zeros_like(denom), where=denom > 0)
+    i = int(np.argmax(f1))
+    return float(f1[i]), float(c.thresholds[i])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -267,16 +362,7 @@ def f1_max(scores: Any, labels: Any) -> tuple[float, float]:
         ``(f1, threshold)``; the highest such threshold on ties; ``(nan, nan)`` if there are no positives.
     """
     s, y = _scores_labels(scores, labels)
-    c = _descending_curve(s, y.view(np.uint8))
-    if c.tps.size == 0 or c.tps[-1] == 0:
-        return float("nan"), float("nan")
-    tp = c.tps.astype(np.float64)
-    precision = tp / (tp + c.fps)
-    recall = tp / tp[-1]
-    denom = precision + recall
-    f1 = np.divide(2.0 * precision * recall, denom, out=np.zeros_like(denom), where=denom > 0)
-    i = int(np.argmax(f1))
-    return float(f1[i]), float(c.thresholds[i])
+    return _f1_from(_descending_curve(s, y.view(np.uint8)))
 
 
 def aupro(anomaly_maps: Any, masks: Any, fpr_limit: float = 0.3) -> float:
@@ -293,6 +379,53 @@ def aupro(anomaly_maps: Any, masks: Any, fpr_limit: float = 0.3) -> float:
     limit = _check_limit(fpr_limit)
     maps, gt = _maps_masks(anomaly_maps, masks)
     return _aupro_from(_pixel_curve(maps, gt), limit)
+
+
+def roc_curve(scores: Any, labels: Any) -> RocCurve:
+    """ROC curve points, one per distinct score, and the AUROC computed from the same sort.
+
+    Args:
+        scores: [N] scores, higher = more anomalous (any shape, flattened).
+        labels: [N] 0 = normal, 1 = anomalous (same shape as ``scores``).
+
+    Returns:
+        A ``RocCurve``; its ``auroc`` is exactly ``auroc(scores, labels)``.
+    """
+    s, y = _scores_labels(scores, labels)
+    return _roc_curve_from(_descending_curve(s, y.view(np.uint8)))
+
+
+def pro_curve(anomaly_maps: Any, masks: Any, fpr_limit: float = 0.3) -> ProCurve:
+    """The per-region-overlap curve up to ``fpr_limit`` (the points AUPRO integrates) and the AUPRO.
+
+    Args:
+        anomaly_maps: [N, H, W] float scores (``[N, 1, H, W]`` is accepted too).
+        masks: [N, H, W] bool or 0/1 ground truth, same shape as ``anomaly_maps``.
+        fpr_limit: upper FPR limit in (0, 1].
+
+    Returns:
+        A ``ProCurve``; its ``aupro`` is exactly ``aupro(anomaly_maps, masks, fpr_limit)``; empty points and a NaN
+        area if there are no defect pixels or no anomaly-free pixels.
+    """
+    return pixel_curves(anomaly_maps, masks, fpr_limit).pro
+
+
+def pixel_curves(anomaly_maps: Any, masks: Any, fpr_limit: float = 0.3) -> PixelCurves:
+    """Pixel ROC, PRO curve and the pixel-F1-optimal threshold of a test set, from one sort of all pixel scores.
+
+    Args:
+        anomaly_maps: [N, H, W] float scores (``[N, 1, H, W]`` is accepted too).
+        masks: [N, H, W] bool or 0/1 ground truth, same shape as ``anomaly_maps``.
+        fpr_limit: FPR limit of the PRO curve, in (0, 1].
+
+    Returns:
+        ``PixelCurves``; ``roc.auroc`` and ``pro.aupro`` equal ``compute_metrics``' ``pixel_auroc`` and ``aupro``.
+    """
+    limit = _check_limit(fpr_limit)
+    maps, gt = _maps_masks(anomaly_maps, masks)
+    c = _pixel_curve(maps, gt)
+    f1, threshold = _f1_from(c)
+    return PixelCurves(_roc_curve_from(c), _pro_curve_from(c, limit), f1, threshold)
 
 
 def compute_metrics(

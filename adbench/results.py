@@ -52,18 +52,24 @@ def check_writable(results_dir: Path) -> Path:
     return runs
 
 
-def write_run(results_dir: Path, name: str, files: dict[str, str]) -> Path:
+def write_run(results_dir: Path, name: str, files: dict[str, str | bytes]) -> Path:
     """Write ``files`` into a new folder ``results_dir/runs/<name>[-N]`` atomically and return it.
 
-    The files are written into a temporary folder first, which is then renamed; an existing run folder is never
-    touched (a numeric suffix is appended instead), so an interrupted or concurrent write loses no earlier result.
+    ``files`` maps a file name to its text (written as text) or bytes (written as is, e.g. a PNG). The files are
+    written into a temporary folder first, which is then renamed; an existing run folder is never touched (a numeric
+    suffix is appended instead), so an interrupted or concurrent write loses no earlier result.
     """
+    for fname, content in files.items():  # before anything is created
+        if not isinstance(content, str | bytes):
+            raise TypeError(f"run file {fname!r} must be str or bytes, got {type(content).__name__}")
+        if Path(fname).name != fname or fname in ("", "..") or fname.startswith(".tmp-"):
+            raise ValueError(f"run file name must be a plain file name, got {fname!r}")
     runs = check_writable(results_dir)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=runs))
     try:
-        for fname, text in files.items():
-            with open(tmp / fname, "w") as fh:
-                fh.write(text)
+        for fname, content in files.items():
+            with open(tmp / fname, "wb" if isinstance(content, bytes) else "w") as fh:
+                fh.write(content)
                 fh.flush()
                 os.fsync(fh.fileno())
         umask = os.umask(0)

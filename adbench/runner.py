@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
 import platform
@@ -47,6 +48,18 @@ class RunSpec:
     preset: str | None = None
     cache_dir: Path | None = None  # persistent feature cache
     workers: int = 2  # image decoding threads
+    save_maps: bool | None = None  # write maps.png, roc.png, pro.png; None: when the test split is small (below)
+
+
+SAVE_MAPS_MAX_TEST = 300  # default of ``save_maps``: draw the figures when the test split has at most this many images
+
+
+def cell_key(spec: RunSpec, config) -> str:
+    """Hash of everything that determines a run's result, recorded as ``cell`` (sweeps skip cells already run)."""
+    parts = {"model": spec.model, "dataset": spec.dataset, "category": spec.category, "seed": spec.seed,
+             "backbone": spec.backbone, "weights": spec.weights, "image_size": spec.image_size,
+             "preset": spec.preset, "config": dataclasses.asdict(config)}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def seed_everything(seed: int) -> None:
@@ -110,7 +123,8 @@ def run_one(spec: RunSpec, progress: Progress = NULL_PROGRESS) -> Path:
     """Train and evaluate one detector on one category; writes and returns the run folder."""
     started = datetime.now(timezone.utc)
     device = resolve_device(spec.device)
-    config = resolve_config(spec.model, spec.backbone, spec.overrides, spec.preset)
+    config = resolve_config(spec.model, spec.backbone, spec.overrides, spec.preset, dataset=spec.dataset,
+                            category=spec.category)
     family = open_family(spec.dataset, spec.data_root, spec.root)
     train = AnomalyDataset(family, spec.category, "train", spec.image_size)
     test = AnomalyDataset(family, spec.category, "test", spec.image_size)
@@ -128,30 +142,51 @@ def run_one(spec: RunSpec, progress: Progress = NULL_PROGRESS) -> Path:
         seed_everything(spec.seed)
         detector = create_model(spec.model, extractor, spec.image_size, config).to(device)
         t0 = time.perf_counter()
-        history = detector.fit(store, progress)
+        images = None
+        if detector.needs_images:  # e.g. a reconstruction target: the training images, in the store's order
+            images = load_split(train, config.batch_size, spec.workers, progress)["image"]
+        history = detector.fit(store, progress, images=images)
         fit_s = time.perf_counter() - t0
     finally:
         store.close()
-    samples = load_test_split(test, config.batch_size, spec.workers, progress)
-    scores, maps, predict_s = predict_all(detector, samples["image"], config.batch_size, device, progress)
+    samples = load_split(test, config.batch_size, spec.workers, progress)
+    scores, maps, predict_s, parts = predict_all(detector, samples["image"], config.batch_size, device, progress)
     if not (np.isfinite(scores).all() and np.isfinite(maps).all()):
         raise TrainingError(f"{spec.model} produced NaN/inf anomaly scores on {spec.dataset}/{spec.category}; "
                             "no result written")
     progress.log("computing metrics")
     metrics = M.compute_metrics(scores, samples["label"], maps, samples["mask"])
+    part_metrics = {name: M.compute_metrics(s, samples["label"], m, samples["mask"] if m is not None else None)
+                    for name, (s, m) in parts.items()}
     n_test = len(test)
+    figures, figures_error = {}, None
+    if spec.save_maps if spec.save_maps is not None else n_test <= SAVE_MAPS_MAX_TEST:
+        progress.log("drawing figures")
+        try:  # after the metrics (which it cannot change), before the folder is written (all files or none)
+            from adbench.plots import run_figures
+
+            figures = run_figures(images=samples["image"], masks=samples["mask"], labels=samples["label"],
+                                  defects=samples["defect"], paths=samples["path"], scores=scores, maps=maps,
+                                  model=spec.model, title=f"{spec.model} on {spec.dataset}/{spec.category}")
+        except Exception as err:  # pictures never cost a finished run: it is written without them, and says why
+            figures_error = f"{type(err).__name__}: {err}"
+            progress.log(f"warning: figures not drawn ({figures_error}); writing the run without them")
     result = {
         "model": spec.model, "dataset": spec.dataset, "category": spec.category, "backbone": spec.backbone,
         "weights": extractor.weights_source, "image_size": spec.image_size, "seed": spec.seed, "preset": spec.preset,
         "config": dataclasses.asdict(config),
         "metrics": metrics,
+        **({"parts": part_metrics} if part_metrics else {}),
         "timing": {
             "extract_train_s": extract_s, "fit_s": fit_s, "predict_s": predict_s,
             "test_images_per_s": n_test / predict_s if predict_s > 0 else None,
             "backbone_images_per_s": len(train) / backbone_s if backbone_s > 0 else None,
+            **({"fit_stages_s": detector.stage_seconds} if getattr(detector, "stage_seconds", None) else {}),
         },
+        "cell": cell_key(spec, config),
         "n_train": len(train), "n_test": n_test, "n_test_anomalous": int(samples["label"].sum()),
         "loss_history": history,
+        "figures": sorted(figures), **({"figures_error": figures_error} if figures_error else {}),
         "protocol": {
             "checkpoint": "last epoch (no model selection on the test set)",
             "eval_resolution": f"{spec.image_size}x{spec.image_size} (images bilinear, masks nearest)",
@@ -170,8 +205,7 @@ def run_one(spec: RunSpec, progress: Progress = NULL_PROGRESS) -> Path:
     frame.to_csv(buf, index=False)
     name = run_name(spec.model, spec.backbone, spec.dataset, spec.category, spec.seed)
     text = json.dumps(finite_or_none(result), indent=2, allow_nan=False) + "\n"
-    return write_run(spec.results_dir, name, {"result.json": text,
-                                              "scores.csv": buf.getvalue()})
+    return write_run(spec.results_dir, name, {"result.json": text, "scores.csv": buf.getvalue(), **figures})
 
 
 def _fingerprint(dataset: AnomalyDataset) -> list:
@@ -184,10 +218,10 @@ def _fingerprint(dataset: AnomalyDataset) -> list:
     return out
 
 
-def load_test_split(dataset: AnomalyDataset, batch_size: int, workers: int, progress: Progress) -> dict[str, Any]:
-    """Decode the whole test split once (uint8), so timing the detector measures the detector."""
+def load_split(dataset: AnomalyDataset, batch_size: int, workers: int, progress: Progress) -> dict[str, Any]:
+    """Decode a whole split once (uint8 images, in index order), so timing the detector measures the detector."""
     images, masks, labels, defects, paths = [], [], [], [], []
-    with progress.task(f"load {dataset.family.name}/{dataset.category} test", total=len(dataset)) as advance:
+    with progress.task(f"load {dataset.family.name}/{dataset.category} {dataset.split}", total=len(dataset)) as advance:
         for batch in dataset.batches(batch_size, workers):
             for s in batch:
                 images.append(s.image)
@@ -201,8 +235,11 @@ def load_test_split(dataset: AnomalyDataset, batch_size: int, workers: int, prog
 
 
 def predict_all(detector, images: torch.Tensor, batch_size: int, device: torch.device, progress: Progress):
-    """Scores [N], maps [N,S,S] and the seconds the detector took (transfer + backbone + head)."""
-    scores, maps, seconds = [], [], 0.0
+    """Scores [N], maps [N,S,S], the seconds the detector took (transfer + backbone + head) and the parts.
+
+    Parts (``Prediction.parts``) come back as name -> (scores [N], maps [N,S,S] or None).
+    """
+    scores, maps, seconds, parts = [], [], 0.0, {}
     detector.eval()
     with progress.task("predict", total=len(images)) as advance:
         for start in range(0, len(images), batch_size):
@@ -213,8 +250,15 @@ def predict_all(detector, images: torch.Tensor, batch_size: int, device: torch.d
             seconds += time.perf_counter() - t0
             scores.append(score.numpy())
             maps.append(amap.numpy())
+            for name, (part_score, part_map) in pred.parts.items():
+                got = parts.setdefault(name, ([], []))
+                got[0].append(part_score.float().cpu().numpy())
+                if part_map is not None:
+                    got[1].append(part_map.float().cpu().numpy())
             advance(len(batch))
     t0 = time.perf_counter()
     scores, maps = detector.finalize(np.concatenate(scores), np.concatenate(maps))
-    return scores, maps, seconds + time.perf_counter() - t0
+    seconds += time.perf_counter() - t0
+    parts = {name: (np.concatenate(s), np.concatenate(m) if m else None) for name, (s, m) in parts.items()}
+    return scores, maps, seconds, parts
 

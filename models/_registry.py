@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
@@ -19,10 +19,15 @@ from adbench.registry import Registry
 
 @dataclass(frozen=True)
 class Prediction:
-    """What a detector says about a batch: image scores [B] and anomaly maps [B, H, W] at input resolution."""
+    """What a detector says about a batch: image scores [B] and anomaly maps [B, H, W] at input resolution.
+
+    ``parts`` optionally names the components a detector fuses (e.g. flow-only and reconstruction-only scores): name
+    -> (scores [B], maps [B, H, W] or None); the runner evaluates each and records it under the result's ``parts``.
+    """
 
     score: torch.Tensor
     anomaly_map: torch.Tensor
+    parts: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
 
 
 class Detector(nn.Module):
@@ -30,13 +35,16 @@ class Detector(nn.Module):
 
     Subclasses set ``Config`` (defaults = the paper's, one comment per field citing the source; every config has
     ``layers``, ``epochs``, ``batch_size``, ``lr``), optionally ``PRESETS`` (named sets of overrides, e.g. the paper's
-    full schedule) and ``BACKBONE_DEFAULTS`` (per-backbone overrides from the reference configs), and implement
-    ``fit`` and ``predict``.
+    full schedule), ``BACKBONE_DEFAULTS`` (per-backbone overrides from the reference configs) and
+    ``CATEGORY_DEFAULTS`` ((dataset, category) -> overrides from the reference run scripts), and implement ``fit`` and
+    ``predict``.
     """
 
     Config: ClassVar[type]
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {}
     BACKBONE_DEFAULTS: ClassVar[dict[str, dict[str, Any]]] = {}
+    CATEGORY_DEFAULTS: ClassVar[dict[tuple[str, str], dict[str, Any]]] = {}
+    needs_images: ClassVar[bool] = False  # True: ``fit`` also gets the training images (uint8, the store's order)
 
     def __init__(self, extractor: FeatureExtractor, image_size: int, config: Any) -> None:
         super().__init__()
@@ -46,8 +54,13 @@ class Detector(nn.Module):
     def device(self) -> torch.device:
         return self.extractor.mean.device
 
-    def fit(self, features: FeatureStore, progress: Progress = NULL_PROGRESS) -> dict[str, list[float]]:
-        """Train on the cached features of the normal training images; returns loss histories by stage."""
+    def fit(self, features: FeatureStore, progress: Progress = NULL_PROGRESS,
+            images: torch.Tensor | None = None) -> dict[str, list[float]]:
+        """Train on the cached features of the normal training images; returns loss histories by stage.
+
+        ``images`` ([N, 3, S, S] uint8, row i = features row i) is passed when the class sets ``needs_images``;
+        ``features.index_batches`` gives the shuffled row indices to take matching slices of both.
+        """
         raise NotImplementedError
 
     def predict(self, images: torch.Tensor) -> Prediction:
@@ -97,11 +110,14 @@ def _coerce(field: str, value: Any, default: Any) -> Any:
     return value
 
 
-def resolve_config(model: str, backbone: str, overrides: dict[str, Any] | None = None, preset: str | None = None):
-    """The model's config: paper defaults, then the backbone's defaults, then a preset, then ``overrides``."""
+def resolve_config(model: str, backbone: str, overrides: dict[str, Any] | None = None, preset: str | None = None,
+                   dataset: str | None = None, category: str | None = None):
+    """The model's config: paper defaults, then the backbone's and the (dataset, category)'s defaults, then a preset,
+    then ``overrides``."""
     cls = MODELS.get(model)
     base = cls.Config()
     changes: dict[str, Any] = dict(cls.BACKBONE_DEFAULTS.get(backbone, {}))
+    changes.update(cls.CATEGORY_DEFAULTS.get((dataset, category), {}))
     if preset is not None:
         if preset not in cls.PRESETS:
             valid = ", ".join(sorted(cls.PRESETS)) or "none"
@@ -130,6 +146,15 @@ _RANGES = {
     "condition_dims": (lambda v: v >= 4 and v % 4 == 0, "a positive multiple of 4"),
     "hidden_ratio": (lambda v: math.isfinite(v) and v > 0, "> 0"),
     "clamp": (lambda v: math.isfinite(v) and v > 0, "> 0"),
+    "cls_frozen_epochs": (lambda v: v >= 0, ">= 0"),
+    "cls_finetune_epochs": (lambda v: v >= 0, ">= 0"),
+    "cls_lr": (lambda v: math.isfinite(v) and v > 0, "a positive number"),
+    "cls_weight_decay": (lambda v: math.isfinite(v) and v >= 0, ">= 0"),
+    "decoder_width": (lambda v: v >= 1, ">= 1"),
+    "decoder_stride": (lambda v: v >= 1, ">= 1"),
+    "in_domain_prob": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "beta_max": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "classifier_weight": (lambda v: math.isfinite(v) and v >= 0, ">= 0"),
 }
 
 

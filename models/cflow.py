@@ -96,6 +96,17 @@ def log_prob_per_dim(z: torch.Tensor, log_jac: torch.Tensor) -> torch.Tensor:
     return (-c * _LOG_SQRT_2PI - 0.5 * torch.sum(z**2, dim=1) + log_jac) / c
 
 
+def cosine_lr_factor(epoch: int, epochs: int, warmup_epochs: int = 0, cosine: bool = True) -> float:
+    """Official schedule (``adjust_learning_rate``/``warmup_learning_rate``): linear warm-up from lr/10 over
+    ``warmup_epochs``, then cosine annealing to lr * 0.1^3 over ``epochs`` (constant if not ``cosine``)."""
+    if epoch < warmup_epochs:
+        return 0.1 + 0.9 * epoch / warmup_epochs
+    if not cosine:
+        return 1.0
+    eta_min = 0.1**3
+    return eta_min + (1 - eta_min) * 0.5 * (1 + math.cos(math.pi * epoch / max(epochs, 1)))
+
+
 def fiber_loss(log_p: torch.Tensor, kind: str) -> torch.Tensor:
     """Official -logsigmoid(log p / C) averaged over fibers, or plain per-dimension NLL."""
     return -F.logsigmoid(log_p).mean() if kind == "logsigmoid" else -log_p.mean()
@@ -186,7 +197,8 @@ class CFlow(Detector):
             maps.append(log_prob_per_dim(z, log_jac).reshape(b, h, w))
         return maps
 
-    def fit(self, features: FeatureStore, progress: Progress = NULL_PROGRESS) -> dict[str, list[float]]:
+    def fit(self, features: FeatureStore, progress: Progress = NULL_PROGRESS,
+            images: torch.Tensor | None = None) -> dict[str, list[float]]:
         cfg, device = self.config, self.device
         gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, (1,))))
 
@@ -205,12 +217,7 @@ class CFlow(Detector):
             return fiber_loss(log_prob_per_dim(z, log_jac), cfg.loss)
 
         def lr_factor(epoch: int) -> float:
-            if epoch < cfg.warmup_epochs:
-                return 0.1 + 0.9 * epoch / cfg.warmup_epochs
-            if not cfg.cosine:
-                return 1.0
-            eta_min = 0.1**3
-            return eta_min + (1 - eta_min) * 0.5 * (1 + math.cos(math.pi * epoch / max(cfg.epochs, 1)))
+            return cosine_lr_factor(epoch, cfg.epochs, cfg.warmup_epochs, cfg.cosine)
 
         self.train()
         stage = Stage(name="cflow", params=list(self.flows.parameters()), loss=loss, batches=batches,
@@ -238,6 +245,12 @@ class CFlow(Detector):
             for m, top in zip(maps, tops, strict=True)
         )
         return len(maps) - likelihood
+
+    @torch.no_grad()
+    def features_map(self, features: list[torch.Tensor]) -> torch.Tensor:
+        """[B, S, S] anomaly map of already extracted features, training-set normalised (for detectors that share
+        one backbone pass between CFLOW flows and another head, e.g. ``clscnf``)."""
+        return self._anomaly_map(self.log_prob_maps(features, fused=self.fused), self.train_max)
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> Prediction:

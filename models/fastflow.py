@@ -110,7 +110,8 @@ class FastFlow(Detector):
             log_jac.append(lj)
         return z, log_jac
 
-    def fit(self, features: FeatureStore, progress: Progress = NULL_PROGRESS) -> dict[str, list[float]]:
+    def fit(self, features: FeatureStore, progress: Progress = NULL_PROGRESS,
+            images: torch.Tensor | None = None) -> dict[str, list[float]]:
         cfg, device = self.config, self.device
         gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, (1,))))
         self.train()

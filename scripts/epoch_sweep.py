@@ -22,7 +22,7 @@ from adbench.datasets import AnomalyDataset, open_family
 from adbench.features import create_extractor, extract_features
 from adbench.models import create_model, resolve_config
 from adbench.progress import Progress
-from adbench.runner import load_test_split, predict_all, seed_everything
+from adbench.runner import load_split, predict_all, seed_everything
 
 
 def main() -> None:
@@ -45,7 +45,7 @@ def main() -> None:
     seed_everything(args.seed)
     ext = create_extractor(args.backbone, cfg.layers)
     store, _ = extract_features(ext, train, batch_size=cfg.batch_size)
-    samples = load_test_split(test, cfg.batch_size, 2, Progress())
+    samples = load_split(test, cfg.batch_size, 2, Progress())
     seed_everything(args.seed)
     det = create_model(args.model, ext, args.image_size, cfg)
     rows, clock = [], {"fit": 0.0, "t0": time.perf_counter()}
@@ -61,7 +61,7 @@ def main() -> None:
                     det.calibrate(store)  # e.g. CFLOW's training-set maxima, part of the fit time
                     clock["fit"] += time.perf_counter() - clock["t0"]
                     det.eval()
-                    scores, maps, predict_s = predict_all(det, samples["image"], cfg.batch_size, torch.device("cpu"),
+                    scores, maps, predict_s, _ = predict_all(det, samples["image"], cfg.batch_size, torch.device("cpu"),
                                                        Progress())
                     det.train()
                     m = M.compute_metrics(scores, samples["label"], maps, samples["mask"])
@@ -73,7 +73,8 @@ def main() -> None:
 
             yield advance
 
-    det.fit(store, Checkpoints())
+    images = load_split(train, cfg.batch_size, 2, Progress())["image"] if det.needs_images else None
+    det.fit(store, Checkpoints(), images=images)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{args.model}_{args.backbone}_{args.dataset}_{args.image_size}_s{args.seed}.csv"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -52,7 +53,7 @@ def test_run_synthetic_writes_result_and_report(tmp_path):
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["run", "--model", "nope"], "error: unknown model 'nope'; valid: cflow, fastflow"),
+        (["run", "--model", "nope"], "error: unknown model 'nope'; valid: aeflow, cflow, clscnf, fastflow"),
         (["run", "--dataset", "nope"], "error: unknown dataset 'nope'; valid: btad, folder, mtd, mvtec, synthetic"),
         (["run", "--category", "nope"], "error: unknown synthetic category 'nope'; valid: pattern, texture, object"),
         (["run", "--set", "lrr=1"], "error: fastflow has no config field 'lrr'"),
@@ -130,10 +131,14 @@ def test_readme_command_runs(command, tmp_path, real_data_root, monkeypatch):
     (tmp_path / "data" / "mtd").symlink_to(real_data_root / "mtd")
     args = shlex.split(command.replace("DIR", str(tmp_path / "data")))[1:]
     if args[0] == "run":
-        small = "coupling_blocks=2" if "cflow" in args else "flow_steps=2"
+        small = "coupling_blocks=2" if "cflow" in args or "clscnf" in args else "flow_steps=2"
         args += ["--image-size", "64", "--epochs", "1", "--set", small, "--results-dir", str(tmp_path / "results")]
+        if "clscnf" in args:  # its classifier stage has its own epoch counts
+            args += ["--set", "cls_frozen_epochs=1", "--set", "cls_finetune_epochs=1"]
     if args[0] == "report":
         invoke(["run", "--category", "texture", *FAST, "--results-dir", str(tmp_path / "results")])
+    if args[0] == "sweep":  # grid files are given relative to the repository
+        args[1] = str(REPO / args[1])
     result, out = invoke(args)
     assert result.exit_code == 0, out
 
@@ -145,10 +150,16 @@ def test_readme_script_runs(command, tmp_path, real_data_root):
     import subprocess
     import sys
 
-    args = shlex.split(command)[1:] + ["--image-size", "64", "--epochs", "1,2", "--out", str(tmp_path)]
+    args = shlex.split(command)[1:]
+    script = Path(args[0]).name
+    args += {"epoch_sweep.py": ["--image-size", "64", "--epochs", "1,2", "--out", str(tmp_path)],
+             "roofline.py": ["--image-size", "64", "--batch", "4"]}[script]
     env = {**os.environ, "ADBENCH_DATA": str(real_data_root)}
     proc = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    if script == "roofline.py":
+        assert "backbone:" in proc.stdout and "% of it" in proc.stdout
+        return
     (csv,) = tmp_path.glob("*.csv")
     assert csv.read_text().splitlines()[0].startswith("epoch,image_auroc") and len(csv.read_text().splitlines()) == 3
 

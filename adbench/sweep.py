@@ -1,0 +1,321 @@
+"""Grids of runs: a TOML grid expands into cells (model x dataset x category x seed), each run at most once.
+
+A grid file::
+
+    models = ["fastflow", "cflow"]
+    datasets = ["mtd"]
+    seeds = [0, 1, 2]
+    # categories = ["mtd"]            # optional: a list, or a table {mvtec = ["bottle"]}; default all
+    [overrides]                       # every cell: image_size, backbone, weights, preset or any config field
+    epochs = 1
+    image_size = 64
+    [model.cflow]                     # one model's settings (override [overrides])
+    backbone = "wide_resnet50_2"
+    [slurm]                           # resources per cell for --executor slurm / submitit-local
+    gpus = 1
+    cpus = 8
+    mem_gb = 32
+    time_min = 240
+
+A cell whose result already exists with the same settings (``result.json`` field ``cell``) is skipped, so an
+interrupted sweep resumes where it stopped. A failing cell leaves ``failures/<cell>.json`` with its error and the
+others go on. A lock file per cell (``locks/``) keeps two sweeps on one results folder from running a cell twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+import sys
+import time
+import tomllib
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from adbench.errors import AdbenchError, ConfigError, DatasetError
+from adbench.results import load_results, run_name
+
+SPEC_KEYS = ("backbone", "weights", "image_size", "preset")  # RunSpec fields a grid may set; the rest is config
+GRID_KEYS = {"models", "datasets", "seeds", "categories", "overrides", "model", "slurm", "data_root"}
+SLURM_KEYS = {"gpus": 1, "cpus": 8, "mem_gb": 32, "time_min": 240, "partition": None, "array_parallelism": 64}
+EXECUTORS = ("local", "submitit-local", "slurm")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run of a grid: its RunSpec (one category) and the key that identifies its settings."""
+
+    spec: Any  # adbench.runner.RunSpec
+    key: str
+
+    @property
+    def name(self) -> str:
+        s = self.spec
+        return run_name(s.model, s.backbone, s.dataset, s.category, s.seed)
+
+    def settings(self) -> str:
+        s = self.spec
+        sets = " ".join(f"{k}={v}" for k, v in sorted(s.overrides.items()))
+        return f"{s.backbone}@{s.image_size} weights={s.weights or 'imagenet'} preset={s.preset or '-'} {sets}".strip()
+
+
+def load_grid(path: Path) -> dict[str, Any]:
+    """Read and check a grid file (unknown keys are errors, so a typo never silently changes a sweep)."""
+    try:
+        grid = tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"grid file not found: {path}") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"grid file {path} is not valid TOML: {err}") from None
+    unknown = set(grid) - GRID_KEYS
+    if unknown:
+        raise ConfigError(f"unknown key(s) in {path}: {', '.join(sorted(unknown))}; valid: {', '.join(sorted(GRID_KEYS))}")
+    for key in ("models", "datasets"):
+        if not isinstance(grid.get(key), list) or not grid[key]:
+            raise ConfigError(f"{path}: '{key}' must be a non-empty list")
+    grid.setdefault("seeds", [0])
+    if not all(isinstance(s, int) and s >= 0 for s in grid["seeds"]):
+        raise ConfigError(f"{path}: 'seeds' must be a list of non-negative integers")
+    bad = set(grid.get("slurm", {})) - set(SLURM_KEYS)
+    if bad:
+        raise ConfigError(f"unknown [slurm] key(s) in {path}: {', '.join(sorted(bad))}; valid: {', '.join(SLURM_KEYS)}")
+    return grid
+
+
+def expand(grid: dict[str, Any], results_dir: Path, data_root: Path | None = None,
+           need_data: bool = True) -> list[Cell]:
+    """All cells of a grid, in model, dataset, category, seed order. Checks every name, field and dataset first.
+
+    With ``need_data=False`` (a dry run) a missing dataset of fixed categories (MVTec AD, BTAD, MTD) is listed anyway.
+    """
+    from adbench.datasets import DATASETS, open_family
+    from adbench.models import resolve_config
+    from adbench.runner import RunSpec, cell_key
+
+    data_root = data_root or (Path(grid["data_root"]) if "data_root" in grid else None)
+    categories, missing = {}, []
+    for dataset in grid["datasets"]:
+        wanted = grid.get("categories")
+        wanted = wanted.get(dataset) if isinstance(wanted, dict) else wanted
+        try:
+            family = open_family(dataset, data_root)
+        except DatasetError as err:
+            fixed = DATASETS.get(dataset).fixed_categories
+            if need_data or not fixed:
+                missing.append(str(err))
+            else:
+                categories[dataset] = list(wanted or fixed)
+            continue
+        for category in wanted or []:
+            family.check_category(category)
+        categories[dataset] = list(wanted or family.categories())
+    if missing:
+        raise DatasetError("; ".join(missing))
+    cells = []
+    for model in grid["models"]:
+        settings = {**grid.get("overrides", {}), **grid.get("model", {}).get(model, {})}
+        spec_fields = {k: settings.pop(k) for k in SPEC_KEYS if k in settings}
+        base = RunSpec(model=model, results_dir=Path(results_dir), data_root=data_root, overrides=settings,
+                       **spec_fields)
+        config = resolve_config(model, base.backbone, settings, base.preset)  # fails early on any bad field
+        for dataset in grid["datasets"]:
+            for category in categories[dataset]:
+                for seed in grid["seeds"]:
+                    spec = dataclasses.replace(base, dataset=dataset, category=category, seed=seed)
+                    cells.append(Cell(spec, cell_key(spec, config)))
+    return cells
+
+
+def done_cells(results_dir: Path) -> dict[str, str]:
+    """cell key -> run folder of every finished run under ``results_dir``."""
+    return {r["cell"]: r["path"] for r in load_results(results_dir) if r.get("cell")}
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _lock(results_dir: Path, cell: Cell) -> Path | None:
+    """Take the cell's lock file; None if another live sweep holds it (a dead holder's lock on this host is taken)."""
+    folder = Path(results_dir) / "locks"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{cell.name}.{cell.key}.lock"
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                holder = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError):
+                return None  # being written right now
+            if holder.get("host") == socket.gethostname() and not _pid_alive(int(holder.get("pid", 0))):
+                path.unlink(missing_ok=True)  # stale: its sweep died
+                continue
+            return None
+        with os.fdopen(fd, "w") as fh:
+            json.dump({"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}, fh)
+        return path
+    return None
+
+
+def run_cell(cell: Cell) -> dict[str, Any]:
+    """Run one cell unless it is done or locked; never raises for the cell's own failure (it is recorded)."""
+    from adbench.runner import run_one
+
+    results_dir = cell.spec.results_dir
+    status = {"cell": cell.key, "name": cell.name}
+    done = done_cells(results_dir)
+    if cell.key in done:
+        return {**status, "status": "done", "path": done[cell.key]}
+    lock = _lock(results_dir, cell)
+    if lock is None:
+        return {**status, "status": "busy"}
+    failure = Path(results_dir) / "failures" / f"{cell.name}.{cell.key}.json"
+    try:
+        if cell.key in done_cells(results_dir):  # finished by another sweep between our check and the lock
+            return {**status, "status": "done"}
+        path = run_one(cell.spec)
+        failure.unlink(missing_ok=True)
+        return {**status, "status": "ran", "path": str(path)}
+    except Exception as err:  # recorded; the other cells go on (Ctrl-C is not an Exception: it stops the sweep)
+        message = str(err) if isinstance(err, AdbenchError) else f"{type(err).__name__}: {err}"
+        return record_failure(cell, message, traceback.format_exc())
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def record_failure(cell: Cell, error: str, trace: str = "") -> dict[str, Any]:
+    """Write ``failures/<cell>.json`` atomically (removed when the cell later succeeds); returns the record."""
+    failure = Path(cell.spec.results_dir) / "failures" / f"{cell.name}.{cell.key}.json"
+    failure.parent.mkdir(parents=True, exist_ok=True)
+    record = {"cell": cell.key, "name": cell.name, "status": "failed", "error": error, "traceback": trace[-4000:],
+              "spec": _spec_dict(cell.spec), "host": socket.gethostname(),
+              "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    tmp = failure.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, failure)
+    return record
+
+
+def _spec_dict(spec) -> dict[str, Any]:
+    return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(spec).items()}
+
+
+def load_failures(results_dir: Path) -> list[dict[str, Any]]:
+    """The failure records of cells that have not succeeded since."""
+    out = []
+    for path in sorted((Path(results_dir) / "failures").glob("*.json")):
+        try:
+            out.append(json.loads(path.read_text()))
+        except (OSError, json.JSONDecodeError):
+            continue
+    return out
+
+
+def _local_gpu_worker(queue) -> None:  # process-pool initializer: pin this worker to one GPU
+    os.environ["ADBENCH_SWEEP_DEVICE"] = f"cuda:{queue.get()}"
+
+
+def _run_on_worker_device(cell: Cell) -> dict[str, Any]:
+    device = os.environ.get("ADBENCH_SWEEP_DEVICE", cell.spec.device)
+    return run_cell(Cell(dataclasses.replace(cell.spec, device=device), cell.key))
+
+
+def run_sweep(cells: list[Cell], executor: str = "local", slurm: dict[str, Any] | None = None,
+              on_result=None) -> list[dict[str, Any]]:
+    """Run the cells that are not done; returns one status dict per cell, in cell order (done, ran, failed, busy).
+
+    ``local`` runs them one after another in this process (Ctrl-C stops cleanly: the current cell is not written,
+    finished ones are kept), or one per GPU in worker processes when several GPUs are visible. ``submitit-local`` and
+    ``slurm`` submit one array job through submitit (logs in ``RESULTS_DIR/logs/``) and wait for it.
+    """
+    if executor not in EXECUTORS:
+        raise ConfigError(f"unknown executor {executor!r}; valid: {', '.join(EXECUTORS)}")
+    on_result = on_result or (lambda status: None)
+    statuses, todo = [], []
+    done = done_cells(cells[0].spec.results_dir) if cells else {}
+    for cell in cells:
+        if cell.key in done:
+            statuses.append({"cell": cell.key, "name": cell.name, "status": "done", "path": done[cell.key]})
+            on_result(statuses[-1])
+        else:
+            todo.append(cell)
+    if executor == "local":
+        statuses += _run_local(todo, on_result) if todo else []
+    elif todo:
+        statuses += _run_submitit(todo, executor, {**SLURM_KEYS, **(slurm or {})}, on_result)
+    order = {cell.key: i for i, cell in enumerate(cells)}
+    return sorted(statuses, key=lambda status: order[status["cell"]])  # in cell order
+
+
+def _run_local(cells: list[Cell], on_result) -> list[dict[str, Any]]:
+    import torch
+
+    gpus = torch.cuda.device_count() if all(c.spec.device in ("auto", "cuda") for c in cells) else 0
+    if gpus < 2:
+        out = []
+        for cell in cells:
+            out.append(run_cell(cell))
+            on_result(out[-1])
+        return out
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    for i in range(gpus):
+        queue.put(i)
+    with ProcessPoolExecutor(gpus, mp_context=ctx, initializer=_local_gpu_worker, initargs=(queue,)) as pool:
+        out = []
+        for status in pool.map(_run_on_worker_device, cells):
+            out.append(status)
+            on_result(status)
+        return out
+
+
+def _run_submitit(cells: list[Cell], executor: str, slurm: dict[str, Any], on_result) -> list[dict[str, Any]]:
+    try:
+        import submitit
+    except ImportError:
+        raise ConfigError("the submitit executors need the package submitit (pip install submitit)") from None
+    results_dir = Path(cells[0].spec.results_dir)
+    ex = submitit.AutoExecutor(folder=results_dir / "logs" / "%j", cluster="local" if executor == "submitit-local"
+                               else "slurm")
+    params = {"timeout_min": slurm["time_min"], "cpus_per_task": slurm["cpus"], "mem_gb": slurm["mem_gb"],
+              "gpus_per_node": slurm["gpus"], "name": "adbench"}
+    if executor == "slurm":
+        params["slurm_array_parallelism"] = slurm["array_parallelism"]
+        if slurm["partition"]:
+            params["slurm_partition"] = slurm["partition"]
+    else:
+        params["gpus_per_node"] = min(slurm["gpus"], _visible_gpus())
+    ex.update_parameters(**params)
+    jobs = ex.map_array(run_cell, cells)
+    print(f"submitted {len(jobs)} cells as job {jobs[0].job_id.split('_')[0]}; logs in {results_dir / 'logs'}",
+          file=sys.stderr)
+    out = []
+    for cell, job in zip(cells, jobs, strict=True):
+        try:
+            status = job.result()
+        except Exception as err:  # the job itself died (killed, out of memory, time limit)
+            last = str(err).strip().splitlines()[-1] if str(err).strip() else repr(err)
+            status = record_failure(cell, f"job {job.job_id} died: {last}")
+        out.append(status)
+        on_result(status)
+    return out
+
+
+def _visible_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count()

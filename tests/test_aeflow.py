@@ -1,0 +1,220 @@
+"""AE-FLOW: shapes, flow round trip, loss and score formulas, training, standardisation, parts in the result."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from typer.testing import CliRunner
+
+from adbench.cli import app
+from adbench.errors import ConfigError, TrainingError
+from adbench.features import FeatureStore, create_extractor
+from adbench.models import create_model, list_models, resolve_config
+from adbench.models.aeflow import AEFlowConfig, build_flow, flow_nll_per_dim, flow_scores, loss, recon_scores
+
+SMALL = {"flow_steps": 2, "decoder_channels": "32,16,8", "hidden_channels": 32, "batch_size": 4, "lr": "2e-3"}
+
+
+def smooth_images(n: int, size: int, seed: int = 0) -> torch.Tensor:
+    """uint8 images of smooth random blobs (learnable by a tiny autoencoder, unlike pixel noise)."""
+    g = torch.Generator().manual_seed(seed)
+    low = torch.rand(n, 3, 4, 4, generator=g)
+    return (F.interpolate(low, size=(size, size), mode="bilinear", align_corners=False) * 255).to(torch.uint8)
+
+
+def make(overrides: dict, size: int = 32):
+    torch.manual_seed(0)
+    cfg = resolve_config("aeflow", "resnet18", {**SMALL, **overrides})
+    ext = create_extractor("resnet18", cfg.layers, "random")
+    return create_model("aeflow", ext, size, cfg)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A tiny AE-FLOW before and after 40 epochs (80 steps) on 8 smooth 32 px images."""
+    model = make({"epochs": 40})
+    images = smooth_images(8, 32)
+    store = FeatureStore([t.clone() for t in model.extractor(images)])
+    with torch.no_grad():
+        before = model(store.tensors[0])[2]
+    history = model.fit(store, images=images)["aeflow"]
+    return model, images, store, history, before
+
+
+def test_registered_with_paper_defaults():
+    assert "aeflow" in list_models()
+    cfg = AEFlowConfig()
+    assert (cfg.layers, cfg.flow_steps, cfg.clamp, cfg.alpha, cfg.beta) == ((3,), 8, 2.0, 0.5, 0.9)
+    assert (cfg.decoder_channels, cfg.subnet, cfg.lr, cfg.weight_decay) == ((512, 256, 64), "resnet", 2e-3, 1e-4)
+    assert (cfg.batch_size, cfg.epochs) == (16, 5)
+    paper = resolve_config("aeflow", "wide_resnet50_2", preset="paper")
+    assert (paper.epochs, paper.batch_size, paper.decoder_channels) == (100, 64, (512, 256, 64))
+
+
+@pytest.mark.parametrize("backbone", ["tf_efficientnet_lite0", "resnet18", "wide_resnet50_2", "efficientnet_b5",
+                                      "mobilenetv3_large_100", "resnet50"])
+def test_decoder_widths_mirror_the_encoder(backbone):
+    """The paper's rule: decoder widths = the backbone's stage widths at strides 8, 4, 2 (WRN-50: 512, 256, 64)."""
+    import timm
+
+    info = timm.create_model(backbone, pretrained=False, features_only=True).feature_info
+    widths = dict(zip(info.reduction(), info.channels(), strict=True))
+    assert resolve_config("aeflow", backbone).decoder_channels == (widths[8], widths[4], widths[2])
+    assert widths[16] == info.channels()[resolve_config("aeflow", backbone).layers[0]]
+
+
+def test_shapes_at_256_and_small():
+    torch.manual_seed(0)
+    cfg = resolve_config("aeflow", "resnet18", {"flow_steps": 1})  # full-size decoder (resnet18 widths 128-64-64)
+    ext = create_extractor("resnet18", cfg.layers, "random")
+    model = create_model("aeflow", ext, 256, cfg).eval()
+    with torch.no_grad():
+        (feat,) = ext(torch.rand(1, 3, 256, 256))
+        z, log_jac, recon = model(feat)
+    assert feat.shape == (1, 256, 16, 16) and z.shape == feat.shape and log_jac.shape == (1,)
+    assert recon.shape == (1, 3, 256, 256) and recon.abs().max() <= 1
+    small = make({}, size=32).eval()
+    pred = small.predict(torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8))
+    assert pred.score.shape == (2,) and pred.anomaly_map.shape == (2, 32, 32)
+    assert set(pred.parts) == {"flow", "recon"} and all(m.shape == (2, 32, 32) for _, m in pred.parts.values())
+
+
+@pytest.mark.parametrize("subnet", ["conv", "resnet"])
+def test_flow_round_trip(subnet):
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(AEFlowConfig(), flow_steps=3, subnet=subnet, hidden_channels=8)
+    flow = build_flow((6, 4, 5), cfg).eval()  # eval: BatchNorm of the resnet subnet uses running statistics
+    x = torch.randn(3, 6, 4, 5)
+    with torch.no_grad():
+        z, lj = flow(x)
+        back, lj_rev = flow(z, rev=True)
+    assert torch.allclose(x, back, atol=1e-5) and torch.allclose(lj, -lj_rev, atol=1e-4)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in flow.modules()) == (subnet == "resnet")
+
+
+def test_loss_and_score_formulas():
+    z, log_jac = torch.zeros(2, 4, 2, 2), torch.tensor([0.0, 8.0])  # D = 16
+    half_log_2pi = 0.5 * math.log(2 * math.pi)
+    assert torch.allclose(flow_nll_per_dim(z, log_jac), torch.tensor([half_log_2pi, half_log_2pi - 0.5]))
+    recon, target = torch.zeros(2, 3, 4, 4), torch.full((2, 3, 4, 4), 0.5)
+    expected = 0.5 * (half_log_2pi - 0.25) + 0.5 * 0.25
+    assert loss(z, log_jac, recon, target, 0.5).item() == pytest.approx(expected)
+    assert loss(z, log_jac, recon, target, 0.0).item() == pytest.approx(0.25)
+    score, amap = flow_scores(torch.full((2, 4, 2, 2), 2.0), 8, "nll")
+    assert torch.allclose(score, torch.full((2,), 2 + half_log_2pi)) and amap.shape == (2, 8, 8)
+    assert torch.allclose(amap, torch.full((2, 8, 8), 2 + half_log_2pi))
+    lik, lik_map = flow_scores(torch.full((2, 4, 2, 2), 2.0), 8, "likelihood")
+    assert torch.allclose(lik, -torch.exp(-score)) and torch.allclose(lik_map, -torch.exp(-amap))
+
+
+def test_ssim_terms():
+    x = torch.rand(2, 3, 32, 32)
+    s, m = recon_scores(x, x)
+    assert torch.allclose(s, torch.full((2,), -1.0), atol=1e-5) and m.abs().max() < 1e-4
+    y = x.clone()
+    y[1, :, 8:16, 8:16] = 1 - y[1, :, 8:16, 8:16]  # a defect in the second image only
+    s, m = recon_scores(x, y)
+    assert s[1] > s[0] + 0.05 and m.shape == (2, 32, 32)
+    assert m[1, 8:16, 8:16].mean() > 5 * m[1, 24:, 24:].mean() + 0.1  # the map finds the defect
+    # the image value is the mean of the map (torchmetrics >= 1.9: reflect-padded borders included)
+    assert torch.allclose(1 + s, m.mean(dim=(1, 2)), atol=1e-5)
+
+
+def test_training_lowers_loss_and_reconstruction_error(trained):
+    model, images, store, history, before = trained
+    assert len(history) == 40 and all(math.isfinite(v) for v in history) and history[-1] < history[0]
+    target = images.float() / 255 * 2 - 1
+    with torch.no_grad():
+        after = model(store.tensors[0])[2]
+    mse_before, mse_after = F.mse_loss(before, target).item(), F.mse_loss(after, target).item()
+    assert mse_after < 0.8 * mse_before, (mse_before, mse_after)
+
+
+def test_scores_are_standardised_on_the_training_set(trained):
+    model, images, _, _, _ = trained
+    pred = model.predict(images)
+    for name, (score, amap) in pred.parts.items():
+        assert abs(score.mean().item()) < 1e-4 and score.std(correction=0).item() == pytest.approx(1, abs=1e-3), name
+        assert abs(amap.mean().item()) < 1e-3 and amap.std(correction=0).item() == pytest.approx(1, abs=1e-3), name
+    beta = model.config.beta
+    (sf, mf), (sr, mr) = pred.parts["flow"], pred.parts["recon"]
+    assert torch.allclose(pred.score, beta * sf + (1 - beta) * sr, atol=1e-6)
+    assert torch.allclose(pred.anomaly_map, beta * mf + (1 - beta) * mr, atol=1e-6)
+    halves = torch.cat([model.predict(images[i : i + 3]).score for i in range(0, 8, 3)])
+    assert torch.allclose(halves, pred.score, atol=1e-5)  # batch-independent (BatchNorm in eval mode)
+    protocol = model.protocol()
+    assert "0.9 * (S_flow" in protocol["image_score"] and "training" in protocol["anomaly_map"]
+
+
+def test_fit_needs_images_and_guards_nan():
+    model = make({"epochs": 1})
+    images = smooth_images(4, 32)
+    feats = [t.clone() for t in model.extractor(images)]
+    with pytest.raises(TrainingError, match="needs the training images"):
+        model.fit(FeatureStore(feats))
+    with pytest.raises(TrainingError, match="needs the training images"):
+        model.calibrate(FeatureStore(feats))
+    feats[0][0, 0, 0, 0] = float("nan")
+    with pytest.raises(TrainingError, match="loss became nan at epoch 1"):
+        model.fit(FeatureStore(feats), images=images)
+
+
+def test_finetune_encoder_trains_a_copy_and_keeps_the_extractor():
+    model = make({"epochs": 2, "finetune_encoder": "true"})
+    images = smooth_images(4, 32)
+    store = FeatureStore([t.clone() for t in model.extractor(images)])
+    frozen = {k: v.clone() for k, v in model.extractor.state_dict().items()}
+    start = [p.detach().clone() for p in model.encoder.parameters()]
+    history = model.fit(store, images=images)["aeflow"]
+    assert len(history) == 2 and all(math.isfinite(v) for v in history)
+    assert any(not torch.equal(a, b) for a, b in zip(start, model.encoder.parameters(), strict=True))
+    assert all(torch.equal(v, model.extractor.state_dict()[k]) for k, v in frozen.items())
+    model.train()
+    assert model.decoder.training and not any(m.training for m in model.encoder.modules())  # BN stays ImageNet's
+    pred = model.eval().predict(images)
+    assert torch.isfinite(pred.score).all() and torch.isfinite(pred.anomaly_map).all()
+    assert make({}).encoder is None
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"subnet": "mlp"}, "aeflow subnet must be conv or resnet, got 'mlp'"),
+        ({"flow_score": "p"}, "aeflow flow_score must be nll or likelihood"),
+        ({"alpha": "1.5"}, "aeflow: alpha=1.5 is invalid; it must be in [0, 1]"),
+        ({"beta": "-0.1"}, "aeflow: beta=-0.1 is invalid"),
+        ({"layers": "2,3"}, "aeflow encodes with ONE feature stage"),
+        ({"decoder_channels": "0,4"}, "every decoder_channels entry must be >= 1"),
+        ({"flow_steps": "0"}, "flow_steps=0 is invalid"),
+    ],
+)
+def test_bad_config_values(overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        resolve_config("aeflow", "resnet18", overrides)
+
+
+def test_decoder_must_match_the_encoder_stride():
+    with pytest.raises(ConfigError, match="decoder upsamples x16 .* gives 4x4 for 32 px"):
+        make({"layers": "2"})  # stride 8
+    with pytest.raises(ConfigError, match="image size divisible by 16"):
+        make({}, size=40)
+    assert make({"layers": "2", "decoder_channels": "16,8"}).decoder[-2].stride == (2, 2)  # x8 decoder fits
+
+
+def test_cli_run_records_the_parts(tmp_path):
+    result = CliRunner().invoke(app, ["run", "--model", "aeflow", "--category", "pattern", "--image-size", "64",
+                                      "--epochs", "1", "--set", "flow_steps=2", "--set", "decoder_channels=32,16,8",
+                                      "--results-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    (path,) = (tmp_path / "runs").glob("aeflow_tf_efficientnet_lite0_synthetic_pattern_s0/result.json")
+    r = json.loads(path.read_text())
+    keys = {"image_auroc", "image_aupr", "pixel_auroc", "pixel_aupr", "aupro"}
+    assert set(r["parts"]) == {"flow", "recon"} and all(set(p) == keys for p in r["parts"].values())
+    assert all(0 <= v <= 1 for p in [r["metrics"], *r["parts"].values()] for v in p.values())
+    assert r["config"]["decoder_channels"] == [32, 16, 8] and r["config"]["beta"] == 0.9
+    assert "S_flow" in r["protocol"]["image_score"] and list(r["loss_history"]) == ["aeflow"]

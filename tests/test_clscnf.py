@@ -1,0 +1,177 @@
+"""Oh & Kim classifier + CNF ensemble: config, decoder, stage 1 learning and freezing, stage 2, fusion, CLI."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+from typer.testing import CliRunner
+
+from adbench.cli import app
+from adbench.datasets.synthetic import generate
+from adbench.defects import DefectSynthesizer
+from adbench.errors import ConfigError
+from adbench.features import FeatureStore, create_extractor
+from adbench.models import create_model, resolve_config
+from adbench.models.clscnf import ClsCnfConfig, Decoder
+
+SIZE = 64
+
+
+def texture_images(n: int, size: int = SIZE) -> torch.Tensor:
+    """uint8 [n, 3, size, size] normal images of the synthetic ``texture`` category."""
+    return torch.from_numpy(np.stack([generate("texture", "train", i, "good", 0, size=size)[0] for i in range(n)])
+                            ).permute(0, 3, 1, 2).contiguous()
+
+
+def tiny(**overrides):
+    torch.manual_seed(0)
+    settings = {"coupling_blocks": 2, "condition_dims": 16, "fiber_batch": 64, "batch_size": 8, "epochs": 1,
+                "decoder_width": 16, "cls_frozen_epochs": 1, "cls_finetune_epochs": 1, **overrides}
+    cfg = resolve_config("clscnf", "resnet18", settings)
+    ext = create_extractor("resnet18", cfg.layers, "random")
+    return create_model("clscnf", ext, SIZE, cfg)
+
+
+def params(module: torch.nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in module.parameters()]
+
+
+def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    return texture_images(16)
+
+
+def test_defaults_follow_the_official_code_and_categories():
+    cfg = ClsCnfConfig()
+    assert (cfg.layers, cfg.coupling_blocks, cfg.clamp, cfg.condition_dims, cfg.fiber_batch) == ((2, 3, 4), 6, 1.9,
+                                                                                                  128, 256)
+    assert (cfg.cls_weight_decay, cfg.lr, cfg.in_domain_prob, cfg.beta_max) == (1e-4, 2e-4, 0.5, 0.8)
+    paper = resolve_config("clscnf", "wide_resnet50_2", preset="paper")
+    schedule = (paper.cls_frozen_epochs, paper.cls_finetune_epochs, paper.epochs, paper.warmup_epochs)
+    assert schedule == (850, 150, 200, 16)
+    assert (paper.decoder_width, paper.decoder_stride, paper.decoder_blocks) == (128, 1, (3, 6, 4, 3))
+    assert paper.permute_soft and paper.baseline_cnf and paper.cls_lr == 1e-4
+    cable = resolve_config("clscnf", "resnet18", dataset="mvtec", category="cable")
+    assert (cable.classifier_weight, cable.object_mask, cable.fill_holes) == (0.05, "bright", True)
+    grid = resolve_config("clscnf", "resnet18", dataset="mvtec", category="grid")
+    assert (grid.classifier_weight, grid.object_mask, grid.fill_holes) == (1.0, "dark", False)
+    btad = resolve_config("clscnf", "resnet18", dataset="btad", category="02")
+    assert (btad.classifier_weight, btad.object_mask) == (0.05, "none")
+    mtd = resolve_config("clscnf", "resnet18", dataset="mtd", category="mtd")
+    assert (mtd.classifier_weight, mtd.object_mask) == (1.0, "none")
+    mine = resolve_config("clscnf", "resnet18", {"classifier_weight": "0.7"}, dataset="mvtec", category="cable")
+    assert mine.classifier_weight == 0.7  # the user's value wins over the category's
+
+
+def test_bad_values_are_config_errors():
+    with pytest.raises(ConfigError, match="object_mask must be one of"):
+        resolve_config("clscnf", "resnet18", {"object_mask": "left"})
+    with pytest.raises(ConfigError, match="decoder_blocks must be positive"):
+        resolve_config("clscnf", "resnet18", {"decoder_blocks": "1,0,1,1"})
+    with pytest.raises(ConfigError, match="dtd_root /no/such/dtd is not a folder"):
+        resolve_config("clscnf", "resnet18", {"dtd_root": "/no/such/dtd"})
+    with pytest.raises(ConfigError, match="in_domain_prob=1.5 is invalid"):
+        resolve_config("clscnf", "resnet18", {"in_domain_prob": "1.5"})
+    with pytest.raises(ConfigError, match="decoder_blocks needs 2 entries"):
+        tiny(decoder_blocks="1,1,1")
+    with pytest.raises(ConfigError, match="needs images"):
+        tiny().fit(FeatureStore([torch.zeros(2, 1)]))
+
+
+def test_decoder_shapes():
+    dec = Decoder([128, 256, 512], [8, 16, 32], 16, (1, 2, 1, 1))
+    feats = [torch.randn(2, c, SIZE // s, SIZE // s) for c, s in ((128, 8), (256, 16), (512, 32))]
+    assert dec(feats, SIZE).shape == (2, SIZE, SIZE)
+    coarse = Decoder([128, 256, 512], [8, 16, 32], 16, (1, 1), out_stride=4)  # the head at 1/4, then bilinear
+    assert coarse(feats, SIZE).shape == (2, SIZE, SIZE) and len(coarse.groups) == 2
+    with pytest.raises(ConfigError, match="decoder_stride must be a power of two <= 4, got 3"):
+        Decoder([128, 256, 512], [8, 16, 32], 16, (1, 1), out_stride=3)
+
+
+def test_classifier_learns_synthetic_defects():
+    rng = np.random.default_rng(0)  # 32 plain colour ramps: a defect is any texture on them
+    ramp = np.linspace(40, 200, SIZE)[None, None, :] * rng.uniform(0.6, 1.0, (32, 3, 1, 1))
+    images = torch.from_numpy(np.clip(ramp + rng.normal(0, 2, (32, 3, SIZE, SIZE)), 0, 255).astype(np.uint8))
+    torch.manual_seed(0)
+    cfg = resolve_config("clscnf", "tf_efficientnet_lite0", {"decoder_width": 16, "cls_frozen_epochs": 12,
+                                                             "cls_finetune_epochs": 3, "batch_size": 8,
+                                                             "cls_lr": "3e-3", "coupling_blocks": 1})
+    model = create_model("clscnf", create_extractor("tf_efficientnet_lite0", cfg.layers), SIZE, cfg)
+    history = model.fit_classifier(images)
+    losses = history["classifier_frozen"] + history["classifier_finetune"]
+    assert len(losses) == 15 and np.mean(losses[-3:]) < 0.5 * np.mean(losses[:3])
+    defects = DefectSynthesizer(images)(torch.arange(32), torch.Generator().manual_seed(123))  # unseen defects
+    with torch.no_grad():
+        prob = torch.sigmoid(model.decoder(model.encoder(defects.images), SIZE))
+    assert defects.masks.sum() > 500
+    assert prob[defects.masks].mean() > 1.5 * prob[~defects.masks].mean()
+    assert roc_auc_score(defects.masks.flatten().numpy(), prob.flatten().numpy()) > 0.7
+
+
+def test_stages_freeze_and_train_the_right_parameters(images):
+    model = tiny(cls_finetune_epochs=0)
+    original, encoder, decoder = params(model.extractor), params(model.encoder), params(model.decoder)
+    model.fit_classifier(images)
+    assert same(params(model.encoder), encoder) and not same(params(model.decoder), decoder)  # frozen epochs
+
+    model = tiny(cls_frozen_epochs=1, cls_finetune_epochs=1)
+    history = model.fit(FeatureStore([torch.zeros(len(images), 1)]), images=images)
+    assert list(history) == ["classifier_frozen", "classifier_finetune", "cnf"]
+    assert list(model.stage_seconds) == ["classifier_frozen", "classifier_finetune", "cnf_features", "cnf"]
+    assert not same(params(model.encoder), encoder) and same(params(model.extractor), original)
+    assert not any(p.requires_grad for p in model.encoder.parameters())
+    assert model.cnf.extractor is model.encoder  # stage 2 runs on the fine-tuned encoder
+
+    encoder, decoder, flows = params(model.encoder), params(model.decoder), params(model.cnf.flows)
+    model.fit_cnf(images)
+    assert same(params(model.encoder), encoder) and same(params(model.decoder), decoder)
+    assert not same(params(model.cnf.flows), flows) and torch.isfinite(model.cnf.train_max).all()
+
+
+def test_fusion_arithmetic_and_parts(images):
+    model = tiny(baseline_cnf=True)
+    store = FeatureStore([f.clone() for f in model.extractor(images)])
+    history = model.fit(store, images=images)
+    assert list(history)[-1] == "cnf_imagenet"
+    model.eval()
+    test = texture_images(4)
+    pred = model.predict(test)
+    cls_score, cls_map = pred.parts["classifier"]
+    cnf_score, cnf_map = pred.parts["cnf"]
+    assert set(pred.parts) == {"classifier", "cnf", "cnf_imagenet"}
+    assert pred.anomaly_map.shape == (4, SIZE, SIZE) and 0 <= cls_map.min() and cls_map.max() <= 1
+    assert torch.allclose(pred.anomaly_map, cnf_map + model.config.classifier_weight * cls_map)
+    assert torch.equal(pred.score, pred.anomaly_map.flatten(1).amax(1))
+    assert torch.equal(cls_score, cls_map.flatten(1).amax(1)) and torch.equal(cnf_score, cnf_map.flatten(1).amax(1))
+    heavy = copy.deepcopy(model)
+    heavy.config = dataclasses.replace(model.config, classifier_weight=3.0)
+    assert torch.allclose(heavy.predict(test).anomaly_map, cnf_map + 3.0 * cls_map, atol=1e-5)
+    base = model.baseline.predict(test)  # the ImageNet-feature CNFs alone, through CFLOW's own predict
+    assert torch.allclose(pred.parts["cnf_imagenet"][1], base.anomaly_map, atol=1e-5)
+    assert "procedural textures replace DTD" in model.protocol()["synthetic_defects"]
+
+
+def test_cli_run_on_the_synthetic_default(tmp_path):
+    result = CliRunner().invoke(app, ["run", "--model", "clscnf", "--category", "object", "--image-size", "64",
+                                      "--epochs", "1", "--set", "coupling_blocks=2", "--set", "cls_frozen_epochs=1",
+                                      "--set", "cls_finetune_epochs=1", "--results-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    (path,) = (tmp_path / "runs").glob("clscnf_*_synthetic_object_s0/result.json")
+    r = json.loads(path.read_text())
+    keys = {"image_auroc", "image_aupr", "pixel_auroc", "pixel_aupr", "aupro"}
+    assert set(r["parts"]) == {"classifier", "cnf"} and all(set(m) == keys for m in r["parts"].values())
+    assert all(0 <= v <= 1 for m in [r["metrics"], *r["parts"].values()] for v in m.values())
+    assert r["config"]["object_mask"] == "bright" and r["config"]["coupling_blocks"] == 2
+    assert set(r["timing"]["fit_stages_s"]) == {"classifier_frozen", "classifier_finetune", "cnf_features", "cnf"}
+    assert list(r["loss_history"]) == ["classifier_frozen", "classifier_finetune", "cnf"]
+    assert "procedural" in r["protocol"]["synthetic_defects"]

@@ -1,0 +1,157 @@
+"""Grids: expansion, skip-if-done, resume after an interruption, failures, concurrent sweeps, submitit executor."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from adbench import runner as runner_module
+from adbench.cli import app
+from adbench.errors import ConfigError, DatasetError, TrainingError
+from adbench.results import load_results
+from adbench.sweep import expand, load_failures, load_grid, run_sweep
+
+TINY = """
+models = ["fastflow"]
+datasets = ["synthetic"]
+categories = ["texture", "pattern"]
+seeds = [0]
+[overrides]
+image_size = 64
+epochs = 1
+flow_steps = 1
+backbone = "resnet18"
+weights = "random"
+"""
+
+
+def grid_file(tmp_path: Path, text: str = TINY) -> Path:
+    path = tmp_path / "grid.toml"
+    path.write_text(text)
+    return path
+
+
+def test_expansion_order_settings_and_keys(tmp_path):
+    grid = load_grid(grid_file(tmp_path, TINY.replace('models = ["fastflow"]', 'models = ["fastflow", "cflow"]')
+                               .replace("seeds = [0]", "seeds = [0, 1]")
+                               .replace("flow_steps = 1\n", "") + "[model.cflow]\ncoupling_blocks = 2\n"))
+    cells = expand(grid, tmp_path / "res")
+    assert [c.name for c in cells][:4] == [
+        "fastflow_resnet18_synthetic_texture_s0", "fastflow_resnet18_synthetic_texture_s1",
+        "fastflow_resnet18_synthetic_pattern_s0", "fastflow_resnet18_synthetic_pattern_s1"]
+    assert len(cells) == 8 and len({c.key for c in cells}) == 8
+    cflow = [c for c in cells if c.spec.model == "cflow"]
+    assert all(c.spec.overrides == {"epochs": 1, "coupling_blocks": 2} for c in cflow)
+    assert all(c.spec.image_size == 64 and c.spec.weights == "random" for c in cells)
+    # the key changes with anything that changes the result, and only then
+    again = expand(grid, tmp_path / "other")
+    assert [c.key for c in again] == [c.key for c in cells]
+    grid["overrides"]["epochs"] = 2
+    assert not {c.key for c in expand(grid, tmp_path / "res")} & {c.key for c in cells}
+
+
+@pytest.mark.parametrize("text, error, match", [
+    ("foo = 1\n" + TINY, ConfigError, "unknown key.*foo"),
+    (TINY + "foo = 1\n", ConfigError, "fastflow has no config field .foo."),
+    (TINY.replace('["fastflow"]', '["nope"]'), ConfigError, "unknown model 'nope'.*fastflow"),
+    (TINY.replace("epochs = 1", "epoch = 1"), ConfigError, "no config field 'epoch'"),
+    (TINY.replace('["texture", "pattern"]', '["wood"]'), DatasetError, "unknown synthetic category 'wood'"),
+    (TINY.replace('["synthetic"]', '["mvtec"]').replace('categories = ["texture", "pattern"]', ""),
+     DatasetError, "mvtec not found.*adbench download mvtec"),
+    ("models = [", ConfigError, "not valid TOML"),
+])
+def test_bad_grids_fail_before_any_work(tmp_path, text, error, match):
+    with pytest.raises(error, match=match):
+        expand(load_grid(grid_file(tmp_path, text)), tmp_path / "res", data_root=tmp_path / "empty")
+    assert not (tmp_path / "res").exists()
+
+
+def test_resume_after_interruption_and_skip_if_done(tmp_path, monkeypatch):
+    cells = expand(load_grid(grid_file(tmp_path)), tmp_path / "res")
+    real = runner_module.run_one
+    calls = []
+
+    def interrupted(spec, progress=None):
+        calls.append(spec.category)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # Ctrl-C during the second cell
+        return real(spec)
+
+    monkeypatch.setattr(runner_module, "run_one", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(cells)
+    assert [r["category"] for r in load_results(tmp_path / "res")] == ["texture"]
+    assert not list((tmp_path / "res" / "locks").iterdir())  # the interrupted cell's lock is released
+    monkeypatch.setattr(runner_module, "run_one", real)
+    statuses = run_sweep(cells)
+    assert [s["status"] for s in statuses] == ["done", "ran"]
+    assert [s["status"] for s in run_sweep(cells)] == ["done", "done"]
+    results = load_results(tmp_path / "res")
+    assert sorted(r["category"] for r in results) == ["pattern", "texture"]
+    assert {r["cell"] for r in results} == {c.key for c in cells}
+
+
+def test_a_failing_cell_is_recorded_and_the_others_go_on(tmp_path, monkeypatch):
+    cells = expand(load_grid(grid_file(tmp_path)), tmp_path / "res")
+    real = runner_module.run_one
+
+    def flaky(spec, progress=None):
+        if spec.category == "texture":
+            raise TrainingError("fastflow: loss became nan at epoch 1, step 3; no result written")
+        return real(spec)
+
+    monkeypatch.setattr(runner_module, "run_one", flaky)
+    statuses = run_sweep(cells)
+    assert [s["status"] for s in statuses] == ["failed", "ran"]
+    (failure,) = load_failures(tmp_path / "res")
+    assert failure["name"] == "fastflow_resnet18_synthetic_texture_s0" and "loss became nan" in failure["error"]
+    monkeypatch.setattr(runner_module, "run_one", real)
+    assert [s["status"] for s in run_sweep(cells)] == ["ran", "done"]
+    assert load_failures(tmp_path / "res") == []  # cleared once the cell succeeds
+
+
+def test_cli_sweep_dry_run_and_failure_exit_code(tmp_path, monkeypatch):
+    path = grid_file(tmp_path)
+    res = tmp_path / "res"
+    result = CliRunner().invoke(app, ["sweep", str(path), "--results-dir", str(res), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "todo  fastflow_resnet18_synthetic_texture_s0  resnet18@64 weights=random" in result.output
+    assert "2 cells, 2 to run" in result.output and not (res / "runs").exists()
+
+    def broken(spec, progress=None):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(runner_module, "run_one", broken)
+    result = CliRunner().invoke(app, ["sweep", str(path), "--results-dir", str(res)])
+    assert result.exit_code == 1 and "2 cell(s) failed" in result.output and "Traceback" not in result.output
+
+
+def test_two_concurrent_sweeps_run_each_cell_once(tmp_path):
+    path = grid_file(tmp_path, TINY.replace("seeds = [0]", "seeds = [0, 1]"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "adbench", "sweep", str(path), "--results-dir", str(tmp_path / "res")]
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    runs = sorted(p.name for p in (tmp_path / "res" / "runs").iterdir())
+    assert len(runs) == 4 and not any("-" in name.rsplit("_s", 1)[1] for name in runs), runs  # no duplicate run
+    # whatever one sweep found running elsewhere, the other finished: a third pass has nothing to do
+    assert [s["status"] for s in run_sweep(expand(load_grid(path), tmp_path / "res"))] == ["done"] * 4
+
+
+def test_submitit_local_executor_runs_cells_as_jobs(tmp_path):
+    cells = expand(load_grid(grid_file(tmp_path)), tmp_path / "res")
+    statuses = run_sweep(cells, executor="submitit-local", slurm={"cpus": 1, "mem_gb": 4, "time_min": 10})
+    assert [s["status"] for s in statuses] == ["ran", "ran"], statuses
+    assert len(load_results(tmp_path / "res")) == 2
+    logs = list((tmp_path / "res" / "logs").rglob("*.out"))
+    assert logs  # submitit's job logs next to the results
+    result = json.loads(next((tmp_path / "res" / "runs").glob("*/result.json")).read_text())
+    assert result["cell"] in {c.key for c in cells}
