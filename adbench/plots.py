@@ -74,8 +74,8 @@ def _png(fig: Figure) -> bytes:
 def _thin(x: np.ndarray, y: np.ndarray, n: int = CURVE_POINTS) -> tuple[np.ndarray, np.ndarray]:
     """About ``n`` points of a monotone curve (x and y non-decreasing) that draw the same line.
 
-    Points are kept at equal steps of the normalized L1 arc length; every dropped point lies inside the box spanned
-    by its two kept neighbours, i.e. within 2/n of the axis range of the drawn line (far below a pixel).
+    Points are kept at equal steps of the L1 arc length in units of the axis ranges; every dropped point lies within
+    one step (2/n of the ranges) of the drawn line, far below a pixel.
     """
     if x.size <= n:
         return x, y

@@ -130,8 +130,9 @@ def report_with_figures(results_dir: Path, stem: str | None,
               lambda: plots().speed_scatter(speed_summary(frame)))
     shown = sources(published, set(frame.dataset))
     if shown:
-        parts.append(f"## Published numbers\n\n`(paper)` columns are the papers' own numbers, `Δ` = ours − paper in "
-                     f"points (different backbones, image sizes and epoch selection: read before comparing).\n\n{shown}\n")
+        parts.append("## Published numbers\n\n`(paper)` columns are the papers' own numbers, `Δ` = ours − paper in "
+                     "points (different backbones, image sizes and epoch selection: read before comparing).\n\n"
+                     f"{shown}\n")
     failures = load_failures(results_dir)
     if failures:
         lines = "\n".join(f"- `{f['name']}`: {f['error']}" for f in failures)

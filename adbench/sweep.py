@@ -30,11 +30,12 @@ import os
 import socket
 import sys
 import time
-import tomllib
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from adbench.errors import AdbenchError, ConfigError, DatasetError
 from adbench.results import load_results, run_name
@@ -73,7 +74,8 @@ def load_grid(path: Path) -> dict[str, Any]:
         raise ConfigError(f"grid file {path} is not valid TOML: {err}") from None
     unknown = set(grid) - GRID_KEYS
     if unknown:
-        raise ConfigError(f"unknown key(s) in {path}: {', '.join(sorted(unknown))}; valid: {', '.join(sorted(GRID_KEYS))}")
+        valid = ", ".join(sorted(GRID_KEYS))
+        raise ConfigError(f"unknown key(s) in {path}: {', '.join(sorted(unknown))}; valid: {valid}")
     for key in ("models", "datasets"):
         if not isinstance(grid.get(key), list) or not grid[key]:
             raise ConfigError(f"{path}: '{key}' must be a non-empty list")

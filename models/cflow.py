@@ -17,8 +17,8 @@ import math
 from dataclasses import dataclass
 
 import FrEIA.framework as Ff
-import numpy as np
 import FrEIA.modules as Fm
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn

@@ -2,9 +2,9 @@
 
 Usage: python scripts/roofline.py --model cflow [--backbone tf_efficientnet_lite0] [--image-size 256]
 t_backbone = measured backbone time per image, F_head = FLOPs of the detector head per image (torch flop counter),
-P = FLOP/s of a large fp32 matrix product on this machine. For CFLOW both inference paths are
-measured in the same run: FrEIA's forward (the paper's FLOPs) and the fused one (fewer FLOPs, same maps). Weights do not change FLOPs or speed, so the head is
-untrained; random images at batch size 32.
+P = FLOP/s of a large fp32 matrix product on this machine. For CFLOW both inference paths are measured in the same
+run: FrEIA's forward (the paper's FLOPs) and the fused one (fewer FLOPs, same maps). Weights do not change FLOPs or
+speed, so the head is untrained; random images at batch size 32.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def main() -> None:
     for fused in paths:
         if fused is not None:
             det.fused = fused
-        head = (lambda f: det.log_prob_maps(f, fused=fused)) if fused is not None else det
+        head = (lambda f, fused=fused: det.log_prob_maps(f, fused=fused)) if fused is not None else det
         with FlopCounterMode(display=False) as counter, torch.no_grad():
             head(feats)
         flops = counter.get_total_flops() / args.batch

@@ -135,6 +135,25 @@ def test_training_lowers_loss_and_reconstruction_error(trained):
     assert mse_after < 0.8 * mse_before, (mse_before, mse_after)
 
 
+def test_encoder_map_is_standardised_before_the_flow(trained):
+    model, _, store, _, _ = trained
+    feats = store.tensors[0]
+    assert torch.allclose(model.feat_mean.flatten(), feats.mean(dim=(0, 2, 3)), atol=1e-4)
+    assert torch.allclose(model.feat_std.flatten(), feats.std(dim=(0, 2, 3), correction=0), atol=1e-4)
+    seen = []
+    handle = model.flow.register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+    with torch.no_grad():
+        model(feats)
+    handle.remove()
+    live = feats.std(dim=(0, 2, 3)) > 1e-3  # a random ReLU network has dead (constant) channels
+    assert seen[0].mean(dim=(0, 2, 3)).abs().max() < 1e-4 and torch.isfinite(seen[0]).all()
+    assert torch.allclose(seen[0].std(dim=(0, 2, 3), correction=0)[live], torch.ones(int(live.sum())), atol=1e-3)
+    plain = make({"standardize": "false", "epochs": 1})
+    plain.fit(FeatureStore([feats.clone()]), images=smooth_images(8, 32))
+    assert torch.equal(plain.feat_mean, torch.zeros_like(plain.feat_mean)) and torch.equal(plain.feat_std,
+                                                                                          torch.ones_like(plain.feat_std))
+
+
 def test_scores_are_standardised_on_the_training_set(trained):
     model, images, _, _, _ = trained
     pred = model.predict(images)

@@ -7,13 +7,12 @@ import dataclasses
 import math
 
 import numpy as np
-
 import pytest
 import torch
 
+from adbench.errors import ConfigError
 from adbench.features import FeatureStore, create_extractor
 from adbench.models import create_model, resolve_config
-from adbench.errors import ConfigError
 from adbench.models.cflow import (
     CFlowConfig,
     build_flow,
