@@ -134,27 +134,19 @@ def resolve_config(model: str, backbone: str, overrides: dict[str, Any] | None =
 
 
 # Fields whose valid range is the same in every detector's config: name -> (test, what it must be).
+_COUNT = (lambda v: v >= 0, ">= 0")
+_AT_LEAST_ONE = (lambda v: v >= 1, ">= 1")
+_POSITIVE = (lambda v: math.isfinite(v) and v > 0, "a positive number")
+_NON_NEGATIVE = (lambda v: math.isfinite(v) and v >= 0, ">= 0")
+_FRACTION = (lambda v: 0 <= v <= 1, "in [0, 1]")
 _RANGES = {
-    "epochs": (lambda v: v >= 0, ">= 0"),
-    "batch_size": (lambda v: v >= 1, ">= 1"),
-    "lr": (lambda v: math.isfinite(v) and v > 0, "a positive number"),
-    "weight_decay": (lambda v: math.isfinite(v) and v >= 0, ">= 0"),
-    "flow_steps": (lambda v: v >= 1, ">= 1"),
-    "coupling_blocks": (lambda v: v >= 1, ">= 1"),
-    "fiber_batch": (lambda v: v >= 1, ">= 1"),
-    "warmup_epochs": (lambda v: v >= 0, ">= 0"),
+    "epochs": _COUNT, "warmup_epochs": _COUNT, "cls_frozen_epochs": _COUNT, "cls_finetune_epochs": _COUNT,
+    "batch_size": _AT_LEAST_ONE, "flow_steps": _AT_LEAST_ONE, "coupling_blocks": _AT_LEAST_ONE,
+    "fiber_batch": _AT_LEAST_ONE, "decoder_width": _AT_LEAST_ONE, "decoder_stride": _AT_LEAST_ONE,
+    "lr": _POSITIVE, "cls_lr": _POSITIVE, "hidden_ratio": _POSITIVE, "clamp": _POSITIVE,
+    "weight_decay": _NON_NEGATIVE, "cls_weight_decay": _NON_NEGATIVE, "classifier_weight": _NON_NEGATIVE,
+    "in_domain_prob": _FRACTION, "beta_max": _FRACTION,
     "condition_dims": (lambda v: v >= 4 and v % 4 == 0, "a positive multiple of 4"),
-    "hidden_ratio": (lambda v: math.isfinite(v) and v > 0, "> 0"),
-    "clamp": (lambda v: math.isfinite(v) and v > 0, "> 0"),
-    "cls_frozen_epochs": (lambda v: v >= 0, ">= 0"),
-    "cls_finetune_epochs": (lambda v: v >= 0, ">= 0"),
-    "cls_lr": (lambda v: math.isfinite(v) and v > 0, "a positive number"),
-    "cls_weight_decay": (lambda v: math.isfinite(v) and v >= 0, ">= 0"),
-    "decoder_width": (lambda v: v >= 1, ">= 1"),
-    "decoder_stride": (lambda v: v >= 1, ">= 1"),
-    "in_domain_prob": (lambda v: 0 <= v <= 1, "in [0, 1]"),
-    "beta_max": (lambda v: 0 <= v <= 1, "in [0, 1]"),
-    "classifier_weight": (lambda v: math.isfinite(v) and v >= 0, ">= 0"),
 }
 
 
