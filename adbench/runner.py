@@ -93,7 +93,7 @@ def _command_line() -> str | None:
 def environment(device: torch.device) -> dict[str, Any]:
     """Versions and hardware, recorded in every result."""
     versions = {"python": platform.python_version()}
-    for pkg in ("adbench", "torch", "torchvision", "timm", "FrEIA", "torchmetrics", "numpy", "scikit-learn", "scipy"):
+    for pkg in ("adbench", "torch", "torchvision", "timm", "FrEIA", "torchmetrics", "submitit", "numpy", "scikit-learn", "scipy"):
         try:
             versions[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
