@@ -93,7 +93,9 @@ def _command_line() -> str | None:
 def environment(device: torch.device) -> dict[str, Any]:
     """Versions and hardware, recorded in every result."""
     versions = {"python": platform.python_version()}
-    for pkg in ("adbench", "torch", "torchvision", "timm", "FrEIA", "torchmetrics", "submitit", "numpy", "scikit-learn", "scipy"):
+    packages = ("adbench", "torch", "torchvision", "timm", "FrEIA", "torchmetrics", "submitit", "numpy", "scikit-learn",
+                "scipy")
+    for pkg in packages:
         try:
             versions[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
