@@ -152,7 +152,7 @@ def fused_log_prob(flow: Ff.SequenceINN, feat: torch.Tensor, pos: torch.Tensor, 
             x = torch.cat((x1, torch.addcmul(a[:, c - c1 :], x2, torch.exp(s))), dim=1).mul_(scale).add_(offset)
             x = x[:, perm] if perm.dtype == torch.long else x @ perm
             log_jac += s.sum(dim=1) + log_scale
-        out[start : start + n] = (-c * _LOG_SQRT_2PI - 0.5 * (x * x).sum(dim=1) + log_jac) / c
+        out[start : start + n] = log_prob_per_dim(x, log_jac)
     return out.reshape(b, h * w)
 
 
