@@ -121,13 +121,15 @@ def report_with_figures(results_dir: Path, stem: str | None,
         if metric == "image_auroc":
             embed("heatmap", "Image AUROC per category and detector",
                   lambda: plots().category_heatmap(category_means(frame, "image_auroc")))
+    devices = frame.device.value_counts().sort_index().sort_values(ascending=False, kind="stable")  # timings are only compared on one machine: a table per device
     for key, title in TIMINGS.items():
-        if key in frame:
-            table = metric_table(frame, key, scale=1.0, digits=1)
-            parts.append(f"## Speed: {title}\n\n{table.to_markdown(index=False, disable_numparse=True)}\n")
+        for device in devices.index if key in frame else []:
+            table = metric_table(frame[frame.device == device], key, scale=1.0, digits=1)
+            parts.append(f"## Speed: {title}, {device}\n\n{table.to_markdown(index=False, disable_numparse=True)}\n")
     if "timing_test_images_per_s" in frame:
-        embed("speed", "Test images per second against Image AUROC, one point per detector",
-              lambda: plots().speed_scatter(speed_summary(frame)))
+        main = frame[frame.device == devices.index[0]]  # the device most runs used
+        embed("speed", f"Test images per second ({devices.index[0]}) against Image AUROC, one point per detector",
+              lambda: plots().speed_scatter(speed_summary(main)))
     shown = sources(published, set(frame.dataset))
     if shown:
         parts.append("## Published numbers\n\n`(paper)` columns are the papers' own numbers, `Δ` = ours − paper in "

@@ -16,6 +16,7 @@ from adbench.errors import AdbenchError
 
 METRICS = ("image_auroc", "pixel_auroc", "image_aupr", "pixel_aupr", "aupro")
 RUNS = "runs"
+CELLS = "cells"  # index: cell key -> run folder name (sweeps)
 
 
 def run_name(model: str, backbone: str, dataset: str, category: str, seed: int) -> str:
@@ -91,6 +92,25 @@ def write_run(results_dir: Path, name: str, files: dict[str, str | bytes]) -> Pa
     raise AdbenchError(f"too many runs named {name} in {runs}")
 
 
+def mark_cell(results_dir: Path, key: str, run: Path) -> None:
+    """Index a finished run by its cell key (``results_dir/cells/<key>``), so a sweep's done-check reads one file
+    instead of every result.json. Written atomically after the run folder; the run folder stays the record."""
+    folder = Path(results_dir) / CELLS
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{key}.tmp{os.getpid()}"
+    tmp.write_text(Path(run).name + "\n")
+    os.replace(tmp, folder / key)
+
+
+def cell_run(results_dir: Path, key: str) -> Path | None:
+    """The run folder indexed under cell ``key`` (see ``mark_cell``), if it still holds a result.json."""
+    try:
+        run = Path(results_dir) / RUNS / (Path(results_dir) / CELLS / key).read_text().strip()
+    except OSError:
+        return None
+    return run if (run / "result.json").is_file() else None
+
+
 def load_results(results_dir: Path) -> list[dict]:
     """Every readable ``result.json`` under ``results_dir/runs`` (unfinished temporary folders are ignored)."""
     out = []
@@ -106,12 +126,22 @@ def load_results(results_dir: Path) -> list[dict]:
     return out
 
 
+def device_label(device: dict | None) -> str:
+    """Where a run's timings were taken: the GPU's name, or "CPU (N threads)"; "unknown" for old results."""
+    if not device:
+        return "unknown"
+    if device.get("type") == "cuda":
+        return str(device.get("name", "CUDA"))
+    return f"CPU ({device.get('threads', '?')} threads)"
+
+
 def results_frame(results: list[dict]) -> pd.DataFrame:
     """One row per run: identifying columns, the five metrics and timings."""
     rows = []
     for r in results:
         row = {k: r.get(k) for k in ("model", "dataset", "category", "backbone", "image_size", "seed", "path")}
         row["setting"] = setting_hash(r)
+        row["device"] = device_label(r.get("device"))
         row.update({m: r.get("metrics", {}).get(m) for m in METRICS})
         row.update({f"timing_{k}": v for k, v in r.get("timing", {}).items()})
         rows.append(row)

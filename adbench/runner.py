@@ -26,7 +26,7 @@ from adbench.errors import ConfigError, TrainingError
 from adbench.features import cache_key, create_extractor, extract_features
 from adbench.models import create_model, resolve_config
 from adbench.progress import NULL_PROGRESS, Progress
-from adbench.results import check_writable, finite_or_none, run_name, write_run
+from adbench.results import check_writable, finite_or_none, mark_cell, run_name, write_run
 
 
 @dataclass(frozen=True)
@@ -207,7 +207,9 @@ def run_one(spec: RunSpec, progress: Progress = NULL_PROGRESS) -> Path:
     frame.to_csv(buf, index=False)
     name = run_name(spec.model, spec.backbone, spec.dataset, spec.category, spec.seed)
     text = json.dumps(finite_or_none(result), indent=2, allow_nan=False) + "\n"
-    return write_run(spec.results_dir, name, {"result.json": text, "scores.csv": buf.getvalue(), **figures})
+    path = write_run(spec.results_dir, name, {"result.json": text, "scores.csv": buf.getvalue(), **figures})
+    mark_cell(spec.results_dir, result["cell"], path)
+    return path
 
 
 def _fingerprint(dataset: AnomalyDataset) -> list:

@@ -38,7 +38,7 @@ from typing import Any
 import tomllib
 
 from adbench.errors import AdbenchError, ConfigError, DatasetError
-from adbench.results import load_results, run_name
+from adbench.results import cell_run, load_results, run_name
 
 SPEC_KEYS = ("backbone", "weights", "image_size", "preset")  # RunSpec fields a grid may set; the rest is config
 GRID_KEYS = {"models", "datasets", "seeds", "categories", "overrides", "model", "slurm", "data_root"}
@@ -126,6 +126,9 @@ def expand(grid: dict[str, Any], results_dir: Path, data_root: Path | None = Non
         config = resolve_config(model, base.backbone, settings, base.preset)  # fails early on any bad field
         for dataset in grid["datasets"]:
             for category in categories[dataset]:
+                # the run's own config (per-category defaults included), so the key matches the one it records
+                config = resolve_config(model, base.backbone, settings, base.preset, dataset=dataset,
+                                        category=category)
                 for seed in grid["seeds"]:
                     spec = dataclasses.replace(base, dataset=dataset, category=category, seed=seed)
                     cells.append(Cell(spec, cell_key(spec, config)))
@@ -176,15 +179,15 @@ def run_cell(cell: Cell) -> dict[str, Any]:
 
     results_dir = cell.spec.results_dir
     status = {"cell": cell.key, "name": cell.name}
-    done = done_cells(results_dir)
-    if cell.key in done:
-        return {**status, "status": "done", "path": done[cell.key]}
+    done = cell_run(results_dir, cell.key)  # the index, not a scan of every result (run_sweep scanned once)
+    if done is not None:
+        return {**status, "status": "done", "path": str(done)}
     lock = _lock(results_dir, cell)
     if lock is None:
         return {**status, "status": "busy"}
     failure = Path(results_dir) / "failures" / f"{cell.name}.{cell.key}.json"
     try:
-        if cell.key in done_cells(results_dir):  # finished by another sweep between our check and the lock
+        if cell_run(results_dir, cell.key) is not None:  # finished by another sweep between our check and the lock
             return {**status, "status": "done"}
         path = run_one(cell.spec)
         failure.unlink(missing_ok=True)

@@ -11,10 +11,12 @@ from adbench.report import build_report, metric_table
 from adbench.results import load_results, results_frame, write_run
 
 
-def fake(model="fastflow", dataset="mtd", category="mtd", seed=0, auroc=0.9, backbone="tf_efficientnet_lite0"):
+def fake(model="fastflow", dataset="mtd", category="mtd", seed=0, auroc=0.9, backbone="tf_efficientnet_lite0",
+         speed=5.0, device=None):
     m = {"image_auroc": auroc, "pixel_auroc": 0.8, "image_aupr": 0.7, "pixel_aupr": 0.3, "aupro": 0.6}
     return {"model": model, "dataset": dataset, "category": category, "seed": seed, "backbone": backbone,
-            "image_size": 256, "metrics": m, "timing": {"fit_s": 10.0, "test_images_per_s": 5.0}}
+            "image_size": 256, "metrics": m, "timing": {"fit_s": 10.0, "test_images_per_s": speed},
+            "device": device or {"type": "cpu", "cpu": "x86_64", "threads": 2}}
 
 
 def put(tmp_path, **kw):
@@ -79,3 +81,16 @@ def test_different_configs_never_share_a_column_and_partial_seeds_are_flagged(tm
             put(tmp_path / "s", category=c, seed=seed)
     table = metric_table(results_frame(load_results(tmp_path / "s")), "image_auroc")
     assert table.iloc[-1].fastflow.endswith("(incomplete)")
+
+
+def test_speeds_from_different_devices_are_never_averaged(tmp_path):
+    put(tmp_path, seed=0, speed=1000.0, device={"type": "cuda", "name": "NVIDIA H200", "threads": 16})
+    put(tmp_path, seed=1, speed=1200.0, device={"type": "cuda", "name": "NVIDIA H200", "threads": 16})
+    put(tmp_path, seed=2, speed=20.0)
+    text = build_report(tmp_path)
+    gpu = text.split("## Speed: test images/s, NVIDIA H200")[1].split("##")[0]
+    cpu = text.split("## Speed: test images/s, CPU (2 threads)")[1].split("##")[0]
+    assert "1100.0 ± 141.4" in gpu and "20.0" not in gpu
+    assert "| 20.0 " in cpu and "1100" not in cpu
+    assert text.index("NVIDIA H200") < text.index("CPU (2 threads)")  # the device most runs used comes first
+    assert "90.0 ± 0.0" in text.split("## Image AUROC")[1].split("##")[0]

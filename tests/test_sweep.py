@@ -15,7 +15,8 @@ from adbench import runner as runner_module
 from adbench.cli import app
 from adbench.errors import ConfigError, DatasetError, TrainingError
 from adbench.results import load_results
-from adbench.sweep import expand, load_failures, load_grid, run_sweep
+from adbench import sweep as sweep_module
+from adbench.sweep import expand, load_failures, load_grid, run_cell, run_sweep
 
 TINY = """
 models = ["fastflow"]
@@ -95,6 +96,15 @@ def test_resume_after_interruption_and_skip_if_done(tmp_path, monkeypatch):
     results = load_results(tmp_path / "res")
     assert sorted(r["category"] for r in results) == ["pattern", "texture"]
     assert {r["cell"] for r in results} == {c.key for c in cells}
+    # a cell's done-check reads the index cells/<key> -> run folder, not every result.json
+    assert {p.name for p in (tmp_path / "res" / "cells").iterdir()} == {c.key for c in cells}
+    assert run_cell(cells[0])["status"] == "done"
+    monkeypatch.setattr(sweep_module, "load_results", lambda _: pytest.fail("scanned every result"))
+    assert run_cell(cells[1])["status"] == "done"
+    (Path(run_cell(cells[0])["path"]) / "result.json").unlink()  # an index entry without its result is not done
+    calls.clear()
+    monkeypatch.setattr(runner_module, "run_one", lambda spec, progress=None: calls.append(spec.category) or "x")
+    assert run_cell(cells[0])["status"] == "ran" and calls == ["texture"]
 
 
 def test_a_failing_cell_is_recorded_and_the_others_go_on(tmp_path, monkeypatch):
@@ -155,3 +165,17 @@ def test_submitit_local_executor_runs_cells_as_jobs(tmp_path):
     assert logs  # submitit's job logs next to the results
     result = json.loads(next((tmp_path / "res" / "runs").glob("*/result.json")).read_text())
     assert result["cell"] in {c.key for c in cells}
+
+
+def test_cell_keys_use_the_per_category_config_the_run_records(tmp_path):
+    from adbench.models import resolve_config
+    from adbench.runner import cell_key
+
+    grid = load_grid(grid_file(tmp_path, TINY.replace('["fastflow"]', '["clscnf"]').replace("flow_steps = 1\n", "")
+                               .replace('["texture", "pattern"]', '["object", "texture"]')))
+    cells = expand(grid, tmp_path / "res")
+    for cell in cells:  # clscnf's object category has its own default (object mask): the key must include it
+        s = cell.spec
+        config = resolve_config(s.model, s.backbone, s.overrides, s.preset, dataset=s.dataset, category=s.category)
+        assert cell.key == cell_key(s, config)
+    assert resolve_config("clscnf", "resnet18", {}, dataset="synthetic", category="object").object_mask == "bright"
