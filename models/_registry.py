@@ -36,14 +36,16 @@ class Detector(nn.Module):
     Subclasses set ``Config`` (defaults = the paper's, one comment per field citing the source; every config has
     ``layers``, ``epochs``, ``batch_size``, ``lr``), optionally ``PRESETS`` (named sets of overrides, e.g. the paper's
     full schedule), ``BACKBONE_DEFAULTS`` (per-backbone overrides from the reference configs) and
-    ``CATEGORY_DEFAULTS`` ((dataset, category) -> overrides from the reference run scripts), and implement ``fit`` and
-    ``predict``.
+    ``CATEGORY_DEFAULTS`` ((dataset, category) -> overrides from the reference run scripts), ``PRESET_CATEGORIES``
+    (preset -> (dataset, category) -> the reference's per-category exceptions to that preset's schedule), and
+    implement ``fit`` and ``predict``.
     """
 
     Config: ClassVar[type]
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {}
     BACKBONE_DEFAULTS: ClassVar[dict[str, dict[str, Any]]] = {}
     CATEGORY_DEFAULTS: ClassVar[dict[tuple[str, str], dict[str, Any]]] = {}
+    PRESET_CATEGORIES: ClassVar[dict[str, dict[tuple[str, str], dict[str, Any]]]] = {}
     needs_images: ClassVar[bool] = False  # True: ``fit`` also gets the training images (uint8, the store's order)
 
     def __init__(self, extractor: FeatureExtractor, image_size: int, config: Any) -> None:
@@ -112,8 +114,8 @@ def _coerce(field: str, value: Any, default: Any) -> Any:
 
 def resolve_config(model: str, backbone: str, overrides: dict[str, Any] | None = None, preset: str | None = None,
                    dataset: str | None = None, category: str | None = None):
-    """The model's config: paper defaults, then the backbone's and the (dataset, category)'s defaults, then a preset,
-    then ``overrides``."""
+    """The model's config: paper defaults, then the backbone's and the (dataset, category)'s defaults, then a preset
+    and its per-category exceptions, then ``overrides``."""
     cls = MODELS.get(model)
     base = cls.Config()
     changes: dict[str, Any] = dict(cls.BACKBONE_DEFAULTS.get(backbone, {}))
@@ -123,6 +125,7 @@ def resolve_config(model: str, backbone: str, overrides: dict[str, Any] | None =
             valid = ", ".join(sorted(cls.PRESETS)) or "none"
             raise ConfigError(f"unknown preset {preset!r} for {model}; valid: {valid}")
         changes.update(cls.PRESETS[preset])
+        changes.update(cls.PRESET_CATEGORIES.get(preset, {}).get((dataset, category), {}))
     fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(base)}
     for key, value in (overrides or {}).items():
         if key not in fields:

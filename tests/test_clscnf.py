@@ -73,6 +73,20 @@ def test_defaults_follow_the_official_code_and_categories():
     assert mine.classifier_weight == 0.7  # the user's value wins over the category's
 
 
+def test_paper_preset_applies_their_per_class_schedule_exceptions():
+    def schedule(category, dataset="mvtec", preset="paper", **overrides):
+        c = resolve_config("clscnf", "resnet18", overrides, preset, dataset=dataset, category=category)
+        return c.cls_frozen_epochs, c.cls_finetune_epochs, c.batch_size, c.cls_lr, c.cls_weight_decay, c.epochs, c.lr
+
+    assert schedule("bottle") == (850, 150, 32, 1e-4, 1e-4, 200, 2e-4)  # their MVTec default: 85 + 15 x 2 sub x 5
+    assert schedule("screw") == (175, 25, 16, 5e-4, 1e-4, 200, 2e-4)  # 35 + 5 meta, 1 sub, bs 16, lr 5e-4
+    assert schedule("transistor")[:3] == (700, 300, 16)
+    assert schedule("03", "btad") == (240, 60, 16, 1e-4, 5e-4, 48, 1e-4)  # 8 + 2 x 6 sub; CNFs 8 x 6, lr 1e-4
+    assert schedule("02", "btad")[4:] == (1e-4, 48, 2e-5)
+    assert schedule("screw", preset=None)[:3] == (3, 1, 32)  # only with the preset: the CPU defaults stay
+    assert schedule("screw", cls_lr=1e-3)[3] == 1e-3  # and the user's value still wins
+
+
 def test_bad_values_are_config_errors():
     with pytest.raises(ConfigError, match="object_mask must be one of"):
         resolve_config("clscnf", "resnet18", {"object_mask": "left"})
