@@ -31,3 +31,13 @@ def test_bench_writes_table_and_readme_block(tmp_path):
     body = readme.read_text()
     assert body.startswith("intro\n<!-- bench:begin -->\nMeasured with `python scripts/bench.py")
     assert "old table" not in body and body.endswith("<!-- bench:end -->\nafter\n")
+
+
+def test_bench_measures_the_others_when_one_detector_fails(tmp_path):
+    env = {**os.environ, "ADBENCH_DATA": str(tmp_path / "no-data"), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "scripts/bench.py", "--models", "nosuch,fastflow", "--image-size", "64",
+           "--latency-images", "1", "--out", str(tmp_path / "bench.md")]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 1  # the failure is not hidden
+    text = (tmp_path / "bench.md").read_text()
+    assert "| fastflow |" in text and "Failed: nosuch: " in text and "unknown" in text.split("Failed:")[1].lower()
