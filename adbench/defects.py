@@ -97,7 +97,8 @@ def procedural_textures(n: int, size: int, generator: torch.Generator) -> torch.
 
     0: coloured fractal noise (an independent field per channel); 1: stripes of random period and angle warped by
     fractal noise, between two random colours; 2: blotches (thresholded fractal noise) between two random colours with
-    fine shading.
+    fine shading. All constants here are adbench's (DTD has no such parameters): periods 4-32 px, thresholds 0.3-0.7,
+    shading 0.8-1.0 and a warp of 6 radians per unit noise give textures of DTD-like scale at 256 px.
     """
     if n == 0:
         return torch.empty(0, 3, size, size, dtype=torch.uint8)
@@ -186,9 +187,9 @@ def object_masks(images: torch.Tensor, mode: str, fill_holes: bool = True) -> to
     """
     if mode not in ("dark", "bright"):
         raise ConfigError(f"object mask must be dark or bright, got {mode!r}")
-    grey = (images.float() * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1).numpy()
+    grey = (images.detach().cpu().float() * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1).numpy()
     out = []
-    for g in grey:
+    for g in grey:  # sigma 0.8 truncated at 1 pixel: the 3x3 kernel of OpenCV's GaussianBlur((3, 3), 0) in theirs
         blurred = ndimage.gaussian_filter(g, 0.8, truncate=1.25).round().clip(0, 255).astype(np.uint8)
         fg = blurred > otsu_threshold(blurred)
         fg = ~fg if mode == "dark" else fg

@@ -122,6 +122,7 @@ class FeatureExtractor(nn.Module):
         self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
         self.requires_grad_(False)
         self.eval()
+        self.half_on_cuda = True  # fp16 autocast on CUDA (inference); off for a copy that is trained in fp32
 
     def _build(self, spec: Backbone, weights: str | None) -> tuple[nn.Module, str]:
         kw = {"features_only": True, "out_indices": self.layers}
@@ -159,7 +160,7 @@ class FeatureExtractor(nn.Module):
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
         x = (x - self.mean) / self.std
-        with torch.autocast("cuda", dtype=torch.float16, enabled=x.is_cuda):
+        with torch.autocast("cuda", dtype=torch.float16, enabled=x.is_cuda and self.half_on_cuda):
             feats = self.net(x)
         return [f.float() for f in feats]
 

@@ -122,12 +122,14 @@ def build_flow(shape: tuple[int, int, int], cfg: AEFlowConfig) -> Ff.SequenceINN
     flow = Ff.SequenceINN(*shape)
     for _ in range(cfg.flow_steps):
         flow.append(Fm.AllInOneBlock, subnet_constructor=subnet_factory(cfg.subnet, cfg.hidden_channels),
-                    affine_clamping=cfg.clamp, permute_soft=False)
+                    affine_clamping=cfg.clamp, permute_soft=False)  # hard: FrEIA's default, all reproductions
     return flow
 
 
 def build_decoder(c_in: int, channels: tuple[int, ...], c_out: int = 3) -> nn.Sequential:
-    """Per width: ConvT 2x2/2 + ReLU + conv3x3 + ReLU; then ConvT 2x2/2 to ``c_out`` + Tanh (upsamples 2^(n+1))."""
+    """Per width: ConvT 2x2/2 + ReLU + conv3x3 + ReLU; then ConvT 2x2/2 to ``c_out`` + Tanh (upsamples 2^(n+1)).
+
+    The paper names the layers, not the activations; ReLU and the Tanh output follow pimpraat/ae_flow."""
     layers: list[nn.Module] = []
     for width in channels:
         layers += [nn.ConvTranspose2d(c_in, width, 2, stride=2), nn.ReLU(),
@@ -144,7 +146,10 @@ def flow_nll_per_dim(z: torch.Tensor, log_jac: torch.Tensor) -> torch.Tensor:
 
 def loss(z: torch.Tensor, log_jac: torch.Tensor, recon: torch.Tensor, target: torch.Tensor,
          alpha: float) -> torch.Tensor:
-    """alpha * mean per-dimension NLL + (1 - alpha) * MSE(target, recon) (targets and recon in [-1, 1])."""
+    """alpha * mean per-dimension NLL + (1 - alpha) * MSE(target, recon).
+
+    Targets and recon are in [-1, 1] (the Tanh output's range, as pimpraat/ae_flow), so the MSE is 4x the one on
+    [0, 1] images: alpha = 0.5 is read on that scale (the paper states neither)."""
     return alpha * flow_nll_per_dim(z, log_jac).mean() + (1 - alpha) * F.mse_loss(recon, target)
 
 

@@ -143,9 +143,10 @@ class Bottleneck(nn.Module):
 
 class Decoder(nn.Module):
     """U-Net-like pixelwise classifier (their ``WideResNetDec``, skip connections): the deepest stage through two
-    1x1 convs halving its width, then per level bicubic upsampling, concatenation of the next shallower stage while
-    there is one, and bottlenecks, down to stride 2 * ``out_stride``; a last x2, conv-BN-ReLU-conv; returns logits,
-    bilinearly upsampled to the input when ``out_stride`` > 1 (theirs: 1, the head at full resolution)."""
+    1x1 convs halving its width, then per level bicubic upsampling (align_corners=True, as theirs), concatenation of
+    the next shallower stage while there is one, and bottlenecks, down to stride 2 * ``out_stride``; a last x2,
+    conv-BN-ReLU-conv; returns logits, bilinearly upsampled to the input when ``out_stride`` > 1 (theirs: 1, the head
+    at full resolution)."""
 
     def __init__(self, channels: list[int], strides: list[int], width: int, blocks: tuple[int, ...],
                  out_stride: int = 1) -> None:
@@ -172,7 +173,7 @@ class Decoder(nn.Module):
         self.head = nn.Sequential(_conv(c, mid, 3), nn.BatchNorm2d(mid), nn.ReLU(inplace=True), _conv(mid, 1, 3))
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")  # as their decoder
 
     def forward(self, features: list[torch.Tensor], size: int) -> torch.Tensor:
         """Logits [B, size, size] of the features (shallow to deep) of a batch."""
@@ -190,7 +191,10 @@ class Decoder(nn.Module):
 
 
 def encode(extractor: FeatureExtractor, images: torch.Tensor) -> list[torch.Tensor]:
-    """The extractor's features with autograd (its ``forward`` runs without): [0, 1] floats in, normalised here."""
+    """The extractor's features with autograd (its ``forward`` runs without): [0, 1] floats in, normalised here.
+
+    Their encoder's convolutions pad by reflection; timm's zero padding is kept here (the ImageNet weights were
+    trained with it, and the CNFs and the shared extractor see the same features)."""
     return extractor.net((images - extractor.mean) / extractor.std)
 
 
@@ -211,6 +215,7 @@ class ClsCnf(Detector):
     def __init__(self, extractor: FeatureExtractor, image_size: int, config: ClsCnfConfig) -> None:
         super().__init__(extractor, image_size, config)
         self.encoder = copy.deepcopy(extractor)  # fine-tuned in stage 1; the shared extractor stays as it is
+        self.encoder.half_on_cuda = False  # trained in fp32 (``encode``), so its CNF features and maps are fp32 too
         self.decoder = Decoder(extractor.channels, extractor.strides, config.decoder_width, config.decoder_blocks,
                                config.decoder_stride)
         flow_cfg = CFlowConfig(layers=config.layers, coupling_blocks=config.coupling_blocks,

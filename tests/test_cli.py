@@ -136,11 +136,33 @@ def test_readme_command_runs(command, tmp_path, real_data_root, monkeypatch):
         if "clscnf" in args:  # its classifier stage has its own epoch counts
             args += ["--set", "cls_frozen_epochs=1", "--set", "cls_finetune_epochs=1"]
     if args[0] == "report":
-        invoke(["run", "--category", "texture", *FAST, "--results-dir", str(tmp_path / "results")])
+        where = args[args.index("--results-dir") + 1] if "--results-dir" in args else "results"
+        invoke(["run", "--category", "texture", *FAST, "--results-dir", str(tmp_path / where)])
     if args[0] == "sweep":  # grid files are given relative to the repository
         args[1] = str(REPO / args[1])
+        if "--dry-run" not in args and Path(args[1]).name != "smoke.toml":
+            args[1] = shrink_grid(Path(args[1]), tmp_path / "grid.toml")
     result, out = invoke(args)
     assert result.exit_code == 0, out
+
+
+def shrink_grid(path: Path, out: Path) -> str:
+    """The grid with its first model, first seed and a tiny schedule (the full grid is checked by --dry-run)."""
+    import tomllib
+
+    grid = tomllib.loads(path.read_text())
+    model = grid["models"][0]
+    small = {"clscnf": {"coupling_blocks": 2, "cls_frozen_epochs": 1, "cls_finetune_epochs": 1},
+             "cflow": {"coupling_blocks": 2}}.get(model, {"flow_steps": 2})
+    settings = {**grid.get("overrides", {}), **grid.get("model", {}).get(model, {}), "image_size": 64, "epochs": 1,
+                **small}
+    lines = [f"models = [{json.dumps(model)}]", f"datasets = {json.dumps(grid['datasets'])}",
+             f"seeds = [{grid['seeds'][0]}]", "[overrides]"] + [f"{k} = {json.dumps(v)}" for k, v in settings.items()]
+    out.write_text("\n".join(lines) + "\n")
+    dry, text = invoke(["sweep", str(path), "--dry-run"])
+    n_cells = len(grid["models"]) * len(grid["seeds"])
+    assert dry.exit_code == 0 and f"{n_cells} cells" in text, text
+    return str(out)
 
 
 @pytest.mark.parametrize("command", readme_lines("python scripts/"))

@@ -145,6 +145,8 @@ def test_stages_freeze_and_train_the_right_parameters(images):
     assert not same(params(model.encoder), encoder) and same(params(model.extractor), original)
     assert not any(p.requires_grad for p in model.encoder.parameters())
     assert model.cnf.extractor is model.encoder  # stage 2 runs on the fine-tuned encoder
+    # trained in fp32, so on CUDA it also runs in fp32 (no fp16 autocast) for the CNFs and predict; the shared one may
+    assert not model.encoder.half_on_cuda and model.extractor.half_on_cuda
 
     encoder, decoder, flows = params(model.encoder), params(model.decoder), params(model.cnf.flows)
     model.fit_cnf(images)
