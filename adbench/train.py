@@ -22,7 +22,8 @@ class Stage:
 
     Attributes:
         name: shown in progress and error messages.
-        params: the parameters the optimiser updates.
+        params: the parameters the optimiser updates, or param groups (dicts with ``params`` and optionally their own
+            ``lr``; ``lr_factor`` scales every group's own rate).
         loss: loss of one batch (a scalar tensor).
         batches: ``batches(epoch)`` yields the batches of that epoch.
         epochs: number of passes.
@@ -33,7 +34,7 @@ class Stage:
     """
 
     name: str
-    params: list[torch.nn.Parameter]
+    params: list[torch.nn.Parameter] | list[dict]
     loss: Callable[[object], torch.Tensor]
     batches: Callable[[int], Iterable]
     epochs: int
@@ -52,13 +53,17 @@ def run_stage(stage: Stage, progress: Progress = NULL_PROGRESS) -> list[float]:
     """
     if stage.epochs < 1:
         return stage.history
-    opt = torch.optim.Adam(stage.params, lr=stage.lr, weight_decay=stage.weight_decay)
+    groups = stage.params if stage.params and isinstance(stage.params[0], dict) else [{"params": stage.params}]
+    opt = torch.optim.Adam([{**g, "params": list(g["params"])} for g in groups], lr=stage.lr,
+                           weight_decay=stage.weight_decay)
+    base_lrs = [group["lr"] for group in opt.param_groups]
+    every = [p for group in opt.param_groups for p in group["params"]]
     with progress.task(f"train {stage.name}", total=stage.epochs) as advance:
         for epoch in range(stage.epochs):
             total, count = 0.0, 0
             if stage.lr_factor is not None:
-                for group in opt.param_groups:
-                    group["lr"] = stage.lr * stage.lr_factor(epoch)
+                for group, lr in zip(opt.param_groups, base_lrs, strict=True):
+                    group["lr"] = lr * stage.lr_factor(epoch)
             for step, batch in enumerate(stage.batches(epoch)):
                 loss = stage.loss(batch)
                 value = float(loss.detach())
@@ -70,7 +75,7 @@ def run_stage(stage: Stage, progress: Progress = NULL_PROGRESS) -> list[float]:
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if stage.grad_clip is not None:
-                    torch.nn.utils.clip_grad_norm_(stage.params, stage.grad_clip)
+                    torch.nn.utils.clip_grad_norm_(every, stage.grad_clip)
                 opt.step()
                 total, count = total + value, count + 1
             stage.history.append(total / max(count, 1))

@@ -146,7 +146,7 @@ _RANGES = {
     "epochs": _COUNT, "warmup_epochs": _COUNT, "cls_frozen_epochs": _COUNT, "cls_finetune_epochs": _COUNT,
     "batch_size": _AT_LEAST_ONE, "flow_steps": _AT_LEAST_ONE, "coupling_blocks": _AT_LEAST_ONE,
     "fiber_batch": _AT_LEAST_ONE, "decoder_width": _AT_LEAST_ONE, "decoder_stride": _AT_LEAST_ONE,
-    "lr": _POSITIVE, "cls_lr": _POSITIVE, "hidden_ratio": _POSITIVE, "clamp": _POSITIVE,
+    "lr": _POSITIVE, "cls_lr": _POSITIVE, "cls_encoder_lr": _POSITIVE, "hidden_ratio": _POSITIVE, "clamp": _POSITIVE,
     "weight_decay": _NON_NEGATIVE, "cls_weight_decay": _NON_NEGATIVE, "classifier_weight": _NON_NEGATIVE,
     "in_domain_prob": _FRACTION, "beta_max": _FRACTION,
     "condition_dims": (lambda v: v >= 4 and v % 4 == 0, "a positive multiple of 4"),
