@@ -47,8 +47,9 @@ def bench_one(model: str, dataset: str, category: str, image_size: int, device_n
     from adbench.features import create_extractor, extract_features
     from adbench.models import create_model, resolve_config
     from adbench.progress import NULL_PROGRESS
-    from adbench.runner import load_split, predict_all, resolve_device, seed_everything
+    from adbench.runner import keep_freed_memory, load_split, predict_all, resolve_device, seed_everything
 
+    malloc = keep_freed_memory()  # as every adbench run does
     device = resolve_device(device_name)
     config = resolve_config(model, "tf_efficientnet_lite0", {"epochs": 1, **ONE_EPOCH.get(model, {})})
     family = open_family(dataset)
@@ -94,12 +95,13 @@ def bench_one(model: str, dataset: str, category: str, image_size: int, device_n
             "latency_ms": 1000 * statistics.median(latencies), "peak_mib": peak,
             "backbone_images_per_s": len(images) / backbone_s, "n_train": len(train), "n_test": len(images),
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-            "memory_kind": "CUDA peak allocated" if device.type == "cuda" else "process max RSS"}
+            "memory_kind": "CUDA peak allocated" if device.type == "cuda" else "process max RSS", "malloc": malloc}
 
 
 def table(rows: list[dict], command: str, setting: str) -> str:
     lines = [f"Measured with `{command}` ({setting}; {rows[0]['device']}, {torch.get_num_threads()} threads, "
-             f"torch {torch.__version__}). Peak memory = {rows[0]['memory_kind']}. Fit = one pass over the "
+             f"torch {torch.__version__}; malloc: {rows[0]['malloc']}). Peak memory = {rows[0]['memory_kind']}. "
+             "Fit = one pass over the "
              "training set (clscnf: one pass of each stage: classifier frozen, classifier fine-tuned, CNF).", "",
              "| detector | fit s / epoch | test images/s | latency ms (batch 1) | peak MiB | backbone images/s |",
              "|---|---|---|---|---|---|"]

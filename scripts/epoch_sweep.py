@@ -22,10 +22,11 @@ from adbench.datasets import AnomalyDataset, open_family
 from adbench.features import create_extractor, extract_features
 from adbench.models import create_model, resolve_config
 from adbench.progress import Progress
-from adbench.runner import load_split, predict_all, seed_everything
+from adbench.runner import keep_freed_memory, load_split, predict_all, seed_everything
 
 
 def main() -> None:
+    keep_freed_memory()  # as every adbench run does
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="fastflow")
     ap.add_argument("--dataset", default="mtd")

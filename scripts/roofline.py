@@ -17,6 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from adbench.features import create_extractor
 from adbench.models import create_model, resolve_config
+from adbench.runner import keep_freed_memory
 
 
 def best_of(fn, reps: int = 3) -> float:
@@ -30,6 +31,7 @@ def best_of(fn, reps: int = 3) -> float:
 
 
 def main() -> None:
+    keep_freed_memory()  # as every adbench run does
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="cflow")
     ap.add_argument("--backbone", default="tf_efficientnet_lite0")

@@ -1,4 +1,4 @@
-"""The shared training loop: parameter groups with their own rates under one schedule."""
+"""The shared training loop (parameter groups under one schedule) and the process settings every run records."""
 
 from __future__ import annotations
 
@@ -16,3 +16,12 @@ def test_param_groups_keep_their_own_rates_under_the_schedule():
     # Adam's step is lr * sign(grad) at a constant gradient: 0.1 + 0.05 for the group at lr, 0.01 + 0.005 for the other
     assert torch.allclose(fast.detach(), torch.full((3,), -0.15), atol=1e-6)
     assert torch.allclose(slow.detach(), torch.full((3,), -0.015), atol=1e-6)
+
+
+def test_runs_keep_freed_memory_and_record_it():
+    import platform
+
+    from adbench.runner import environment, keep_freed_memory
+
+    expected = "glibc mmap and trim thresholds 1 GiB" if platform.libc_ver()[0] == "glibc" else "default"
+    assert keep_freed_memory() == expected and environment(torch.device("cpu"))["malloc"] == expected
