@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from urllib.parse import quote
 
@@ -130,6 +131,9 @@ def report_with_figures(results_dir: Path, stem: str | None,
         main = frame[frame.device == devices.index[0]]  # the device most runs used
         embed("speed", f"Test images per second ({devices.index[0]}) against Image AUROC, one point per detector",
               lambda: plots().speed_scatter(speed_summary(main)))
+    settings = settings_section(results)
+    if settings:
+        parts.append(settings)
     shown = sources(published, set(frame.dataset))
     if shown:
         parts.append("## Published numbers\n\n`(paper)` columns are the papers' own numbers, `Δ` = ours − paper in "
@@ -141,6 +145,31 @@ def report_with_figures(results_dir: Path, stem: str | None,
         parts.append(f"## Failed cells\n\n{len(failures)} cell(s) failed and have no result "
                      f"(records in `{Path(results_dir) / 'failures'}`):\n\n{lines}\n")
     return "\n".join(parts), figures
+
+
+def settings_section(results: list[dict]) -> str:
+    """For each detector run in several settings: what each setting's column (``#hash``) sets differently."""
+    from adbench.results import setting_hash
+
+    keys = ("backbone", "image_size", "weights", "preset")
+    by_model: dict[str, dict[str, dict]] = {}
+    for r in results:
+        flat = {**{k: r.get(k) for k in keys}, **(r.get("config") or {})}
+        by_model.setdefault(r.get("model"), {})[setting_hash(r)] = flat
+    lines = []
+    for model, settings in sorted(by_model.items()):
+        if len(settings) < 2:
+            continue
+        fields = sorted({f for flat in settings.values() for f in flat})
+        differ = [f for f in fields if len({json.dumps(flat.get(f, "(absent)"), default=str)
+                                            for flat in settings.values()}) > 1]
+        for h, flat in sorted(settings.items()):
+            shown = ", ".join(f"{f}={flat.get(f, '(absent)')}" for f in differ)
+            lines.append(f"- **{model}** `#{h}`: {shown}")
+    if not lines:
+        return ""
+    return "## Settings\n\nDetectors run in several settings: what each column's setting sets differently.\n\n" + \
+        "\n".join(lines) + "\n"
 
 
 def plots():

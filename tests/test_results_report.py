@@ -94,3 +94,14 @@ def test_speeds_from_different_devices_are_never_averaged(tmp_path):
     assert "| 20.0 " in cpu and "1100" not in cpu
     assert text.index("NVIDIA H200") < text.index("CPU (2 threads)")  # the device most runs used comes first
     assert "90.0 ± 0.0" in text.split("## Image AUROC")[1].split("##")[0]
+
+
+def test_settings_section_says_what_differs_between_a_models_columns(tmp_path):
+    for seed, lr in ((0, 1e-3), (1, 1e-4)):
+        r = {**fake(seed=seed), "config": {"lr": lr, "epochs": 3}}
+        write_run(tmp_path, f"fastflow_mtd_s{seed}", {"result.json": json.dumps(r)})
+    put(tmp_path, model="cflow")
+    section = build_report(tmp_path).split("## Settings")[1].split("##")[0]
+    lines = [ln for ln in section.splitlines() if ln.startswith("- ")]
+    assert len(lines) == 2 and all("**fastflow**" in ln for ln in lines)  # cflow has one setting: not listed
+    assert sorted(ln.split(": ")[1] for ln in lines) == ["lr=0.0001", "lr=0.001"]  # epochs is the same: not shown
