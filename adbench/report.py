@@ -11,7 +11,7 @@ import pandas as pd
 
 from adbench.errors import AdbenchError
 from adbench.published import add_published, load_published, sources
-from adbench.results import load_results, results_frame
+from adbench.results import load_results, results_frame, setting_hash
 from adbench.sweep import load_failures
 
 TITLES = {
@@ -149,8 +149,6 @@ def report_with_figures(results_dir: Path, stem: str | None,
 
 def settings_section(results: list[dict]) -> str:
     """For each detector run in several settings: what each setting's column (``#hash``) sets differently."""
-    from adbench.results import setting_hash
-
     keys = ("backbone", "image_size", "weights", "preset")
     by_model: dict[str, dict[str, dict]] = {}
     for r in results:

@@ -123,7 +123,6 @@ def expand(grid: dict[str, Any], results_dir: Path, data_root: Path | None = Non
         spec_fields = {k: settings.pop(k) for k in SPEC_KEYS if k in settings}
         base = RunSpec(model=model, results_dir=Path(results_dir), data_root=data_root, overrides=settings,
                        **spec_fields)
-        config = resolve_config(model, base.backbone, settings, base.preset)  # fails early on any bad field
         for dataset in grid["datasets"]:
             for category in categories[dataset]:
                 # the run's own config (per-category defaults included), so the key matches the one it records
