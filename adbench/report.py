@@ -122,7 +122,8 @@ def report_with_figures(results_dir: Path, stem: str | None,
         if metric == "image_auroc":
             embed("heatmap", "Image AUROC per category and detector",
                   lambda: plots().category_heatmap(category_means(frame, "image_auroc")))
-    devices = frame.device.value_counts().sort_index().sort_values(ascending=False, kind="stable")  # timings are only compared on one machine: a table per device
+    # timings are only compared on one machine: a table per device, the device most runs used first
+    devices = frame.device.value_counts().sort_index().sort_values(ascending=False, kind="stable")
     for key, title in TIMINGS.items():
         for device in devices.index if key in frame else []:
             table = metric_table(frame[frame.device == device], key, scale=1.0, digits=1)

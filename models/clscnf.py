@@ -49,7 +49,6 @@ OBJECT_MASK = {k: "bright" if k in _BRIGHT else "none" if k in _NONE else "dark"
 OBJECT_MASK[("synthetic", "object")] = "bright"  # adbench: a bright part on a dark background (datasets/synthetic.py)
 
 
-
 def _stage1(frozen: int, finetune: int, sub: int, **more) -> dict:
     """Classifier passes of a schedule in their units: meta-epochs x ``sub_epochs`` x ``repeat_num`` = 5 (their
     loader repeats the training set 5 times per epoch, with fresh defects)."""
@@ -209,8 +208,7 @@ class ClsCnf(Detector):
     # their MVTec scripts: (85 + 15) meta x 2 sub x 5 repeats classifier passes, 25 x 8 CNF passes, 2 x 8 warm-up
     PRESETS = {"paper": {"cls_frozen_epochs": 850, "cls_finetune_epochs": 150, "cls_lr": 1e-4, "cls_encoder_lr": 1e-4,
                          "decoder_width": 128, "decoder_stride": 1, "decoder_blocks": (3, 6, 4, 3), "epochs": 200,
-                         "warmup_epochs": 16,
-                         "permute_soft": True, "baseline_cnf": True}}
+                         "warmup_epochs": 16, "permute_soft": True, "baseline_cnf": True}}
     CATEGORY_DEFAULTS = {key: {"classifier_weight": W_FE.get(key, 1.0), "object_mask": OBJECT_MASK[key],
                                "fill_holes": key not in _NO_FILL} for key in OBJECT_MASK}
     PRESET_CATEGORIES = {"paper": _PAPER_CLASSES}

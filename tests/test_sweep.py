@@ -12,10 +12,10 @@ import pytest
 from typer.testing import CliRunner
 
 from adbench import runner as runner_module
+from adbench import sweep as sweep_module
 from adbench.cli import app
 from adbench.errors import ConfigError, DatasetError, TrainingError
 from adbench.results import load_results
-from adbench import sweep as sweep_module
 from adbench.sweep import expand, load_failures, load_grid, run_cell, run_sweep
 
 TINY = """
