@@ -36,7 +36,8 @@ def _sync(device: torch.device) -> None:
 def _warm_up_batches(images: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     """The first full batch and the last partial one, run once untimed: CUDA loads kernels and picks algorithms on
     a shape's first use. Warmed with the first batch only, the backbone-only pass on an H200 measured 418 images/s,
-    below the 1526 end to end that includes it (FastFlow, MTD, 256 px)."""
+    below the 1526 end to end that includes it (FastFlow, MTD, 256 px); the partial batch's first use, timed only in
+    the backbone pass, is the likely cause (not re-measured)."""
     last = len(images) % batch_size
     return [images[:batch_size]] + ([images[-last:]] if last else [])
 
