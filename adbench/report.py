@@ -1,8 +1,11 @@
-"""Markdown tables from run folders: one table per metric, rows dataset/category, columns detectors, a mean row."""
+"""Markdown tables from run folders: a summary per dataset, one table per metric (rows dataset/category, columns
+detectors, a mean row), Image AUROC per defect type, speed per device.
+
+Every value is over seeds, never over runs: of several runs of one seed and setting only the newest counts.
+"""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from urllib.parse import quote
 
@@ -10,8 +13,9 @@ import numpy as np
 import pandas as pd
 
 from adbench.errors import AdbenchError
+from adbench.metrics import auroc
 from adbench.published import add_published, load_published, sources
-from adbench.results import load_results, results_frame, setting_hash
+from adbench.results import latest_runs, load_results, results_frame
 from adbench.sweep import load_failures
 
 TITLES = {
@@ -24,27 +28,18 @@ TITLES = {
 TIMINGS = {"timing_fit_s": "fit (s)", "timing_test_images_per_s": "test images/s"}
 
 
-def _column(frame: pd.DataFrame) -> pd.Series:
-    """Column label per run: the model name, plus its setting where a model was run in several settings.
-
-    A setting is backbone@size plus a short hash of everything else that changes results (config, preset, weights),
-    so runs that differ in anything but the seed never share a column.
-    """
-    setting = frame.backbone.astype(str) + "@" + frame.image_size.astype(str)
-    with_full = frame.assign(s=setting + " " + frame.setting.astype(str))
-    several = with_full.groupby("model").s.transform("nunique") > 1
-    label = setting.where(with_full.groupby(["model", setting]).s.transform("nunique") == 1,
-                          setting + " #" + frame.setting.astype(str))
-    return frame.model.where(~several, frame.model + " (" + label + ")")
+SHORT = {"image_auroc": "Img AUROC", "pixel_auroc": "Pix AUROC", "image_aupr": "Img AUPR", "pixel_aupr": "Pix AUPR",
+         "aupro": "AUPRO"}
 
 
 def _cell(values: pd.Series, scale: float, digits: int) -> str:
+    """Mean ± std of one value per seed; a seed whose value is null is said, not dropped silently."""
     vals = values.dropna().to_numpy(dtype=float) * scale
+    missing = len(values) - len(vals)
     if len(vals) == 0:
         return "–"
-    if len(vals) == 1:
-        return f"{vals[0]:.{digits}f}"
-    return f"{vals.mean():.{digits}f} ± {vals.std(ddof=1):.{digits}f}"
+    text = f"{vals[0]:.{digits}f}" if len(vals) == 1 else f"{vals.mean():.{digits}f} ± {vals.std(ddof=1):.{digits}f}"
+    return text + (f" (null in {missing} of {len(values)} seeds)" if missing else "")
 
 
 def seed_means(runs: pd.DataFrame, metric: str, n_categories: int) -> pd.Series:
@@ -60,10 +55,11 @@ def seed_means(runs: pd.DataFrame, metric: str, n_categories: int) -> pd.Series:
 def metric_table(frame: pd.DataFrame, metric: str, scale: float = 100.0, digits: int = 1) -> pd.DataFrame:
     """Rows (dataset, category) plus a mean row per dataset; columns = detectors; seeds shown as mean ± std.
 
-    The mean row averages each seed's category values first, so its ± is the spread over seeds of the mean.
+    Only the newest run of each seed counts (``latest_runs``). The mean row averages each seed's category values
+    first, so its ± is the spread over seeds of the mean.
     """
-    frame = frame.assign(column=_column(frame))
-    columns = sorted(frame.column.unique())
+    frame = latest_runs(frame)[0]
+    columns = column_order(frame)
     rows = []
     for dataset, dframe in frame.groupby("dataset", sort=True):
         for category, cframe in dframe.groupby("category", sort=True):
@@ -74,9 +70,71 @@ def metric_table(frame: pd.DataFrame, metric: str, scale: float = 100.0, digits:
             for c in columns:
                 per_seed = seed_means(dframe[dframe.column == c], metric, n_categories)
                 complete = len(per_seed) > 0 and per_seed.notna().all()
-                mean[c] = _cell(per_seed, scale, digits) + ("" if complete else " (incomplete)")
+                mean[c] = _cell(per_seed.dropna(), scale, digits) + ("" if complete else " (incomplete)")
             rows.append({"dataset": dataset, "category": "**mean**", **mean})
     return pd.DataFrame(rows, columns=["dataset", "category", *columns])
+
+
+def column_order(frame: pd.DataFrame) -> list[str]:
+    """Detector columns: the flows by name, then the reference (non-flow) baselines."""
+    return sorted(frame.column.unique(), key=lambda c: (c.endswith("(reference)"), c))
+
+
+def summary_table(frame: pd.DataFrame, dataset: str) -> pd.DataFrame:
+    """One row per detector column on ``dataset``: each metric's dataset mean (mean ± std over seeds), the number of
+    seeds and the machines the runs ran on."""
+    frame = latest_runs(frame)[0]
+    dframe = frame[frame.dataset == dataset]
+    n_categories = dframe.category.nunique()
+    rows = []
+    for column in column_order(dframe):
+        runs = dframe[dframe.column == column]
+        row = {"detector": column}
+        for metric, short in SHORT.items():
+            per_seed = seed_means(runs, metric, n_categories)
+            complete = len(per_seed) > 0 and per_seed.notna().all()
+            row[short] = _cell(per_seed.dropna(), 100.0, 1) + ("" if complete else " (incomplete)")
+        row["seeds"] = str(runs.seed.nunique())
+        row["ran on"] = ", ".join(sorted(runs.device.unique()))
+        rows.append(row)
+    return pd.DataFrame(rows, columns=["detector", *SHORT.values(), "seeds", "ran on"])
+
+
+def defect_table(frame: pd.DataFrame, scale: float = 100.0, digits: int = 1) -> pd.DataFrame:
+    """Image AUROC per defect type: each defect type's test images against all good images of the category.
+
+    Read from each run's ``scores.csv``; rows (dataset, category, defect, images), columns detectors, mean ± std over
+    seeds; "–" where a run has no scores.csv.
+    """
+    frame = latest_runs(frame)[0]
+    found = []
+    for run in frame.itertuples():
+        path = Path(str(run.path)) / "scores.csv"
+        if not path.is_file():
+            continue
+        scores = pd.read_csv(path)
+        good = scores[scores.label == 0]
+        for defect, bad in scores[scores.label == 1].groupby("defect", sort=True):
+            both = pd.concat([good, bad])
+            value = auroc(both.score.to_numpy(), both.label.to_numpy()) if len(good) else np.nan
+            found.append({"dataset": run.dataset, "category": run.category, "defect": defect, "images": len(bad),
+                          "column": run.column, "seed": run.seed, "auroc": value})
+    columns = column_order(frame)
+    found = pd.DataFrame(found, columns=["dataset", "category", "defect", "images", "column", "seed", "auroc"])
+    rows = []
+    for (dataset, category, defect), g in found.groupby(["dataset", "category", "defect"], sort=True):
+        rows.append({"dataset": dataset, "category": category, "defect": defect, "images": str(g.images.max()),
+                     **{c: _cell(g[g.column == c].auroc, scale, digits) for c in columns}})
+    return pd.DataFrame(rows, columns=["dataset", "category", "defect", "images", *columns])
+
+
+def _markdown(table: pd.DataFrame) -> str:
+    return table.to_markdown(index=False, disable_numparse=True)
+
+
+def _seeds(frame: pd.DataFrame) -> str:
+    seeds = sorted(frame.seed.dropna().unique())
+    return f"{len(seeds)} seed{'s' if len(seeds) != 1 else ''} ({', '.join(str(int(s)) for s in seeds)})"
 
 
 def build_report(results_dir: Path, published_dir: Path | None = None) -> str:
@@ -101,9 +159,12 @@ def report_with_figures(results_dir: Path, stem: str | None,
     results = load_results(results_dir)
     if not results:
         raise AdbenchError(f"no runs found under {Path(results_dir) / 'runs'} (run `adbench run` first)")
-    frame = results_frame(results)
+    frame, replaced = latest_runs(results_frame(results))
     made_by = f"adbench report --results-dir {results_dir}"
-    intro = f"{len(frame)} runs from `{results_dir}` (`{made_by}`); values in %, mean ± std over seeds."
+    runs = f"{len(frame)} run{'s' if len(frame) != 1 else ''}"
+    left_out = f": {len(replaced)} older run(s) of a seed are left out (see Reruns)." if len(replaced) else "."
+    intro = (f"{runs} from `{results_dir}` (`{made_by}`) over {_seeds(frame)}; values in %, mean ± std over seeds. "
+             f"Only the newest run of each seed counts{left_out}")
     parts = [f"# adbench report\n\n{intro}\n"]
     figures: dict[str, bytes] = {}
 
@@ -113,28 +174,35 @@ def report_with_figures(results_dir: Path, stem: str | None,
             figures[name] = png()
             parts.append(f"![{alt}]({quote(name)})\n")
 
+    for dataset in sorted(frame.dataset.unique()):
+        parts.append(f"## Summary: {dataset}\n\nEach detector's mean over the dataset's categories, mean ± std over "
+                     f"seeds.\n\n{_markdown(summary_table(frame, dataset))}\n")
     published = load_published(published_dir)
     for metric, title in TITLES.items():
         table = add_published(metric_table(frame, metric), metric, published)
-        parts.append(f"## {title}\n\n{table.to_markdown(index=False, disable_numparse=True)}\n")
+        parts.append(f"## {title}\n\n{_markdown(table)}\n")
         embed(metric, f"{title}: mean over seeds per dataset and detector",
               lambda m=metric, t=title: plots().metric_bars(dataset_summary(frame, m), t))
         if metric == "image_auroc":
             embed("heatmap", "Image AUROC per category and detector",
                   lambda: plots().category_heatmap(category_means(frame, "image_auroc")))
+    defects = defect_table(frame)
+    parts.append("## Image AUROC per defect type (%)\n\nEach defect type's test images against all good test images "
+                 "of the category (from each run's `scores.csv`).\n\n"
+                 + (_markdown(defects) if len(defects) else "No run has a scores.csv.") + "\n")
     # timings are only compared on one machine: a table per device, the device most runs used first
     devices = frame.device.value_counts().sort_index().sort_values(ascending=False, kind="stable")
     for key, title in TIMINGS.items():
         for device in devices.index if key in frame else []:
             table = metric_table(frame[frame.device == device], key, scale=1.0, digits=1)
-            parts.append(f"## Speed: {title}, {device}\n\n{table.to_markdown(index=False, disable_numparse=True)}\n")
+            parts.append(f"## Speed: {title}, {device}\n\n{_markdown(table)}\n")
     if "timing_test_images_per_s" in frame:
         main = frame[frame.device == devices.index[0]]  # the device most runs used
         embed("speed", f"Test images per second ({devices.index[0]}) against Image AUROC, one point per detector",
               lambda: plots().speed_scatter(speed_summary(main)))
-    settings = settings_section(results)
-    if settings:
-        parts.append(settings)
+    if len(replaced):
+        lines = "\n".join(f"- `{r.run}` (seed {r.seed}), replaced by `{r.by}`" for r in replaced.itertuples())
+        parts.append(f"## Reruns\n\nA rerun of a seed replaces it (the newest run counts); left out:\n\n{lines}\n")
     shown = sources(published, set(frame.dataset))
     if shown:
         parts.append("## Published numbers\n\n`(paper)` columns are the papers' own numbers, `Δ` = ours − paper in "
@@ -146,29 +214,6 @@ def report_with_figures(results_dir: Path, stem: str | None,
         parts.append(f"## Failed cells\n\n{len(failures)} cell(s) failed and have no result "
                      f"(records in `{Path(results_dir) / 'failures'}`):\n\n{lines}\n")
     return "\n".join(parts), figures
-
-
-def settings_section(results: list[dict]) -> str:
-    """For each detector run in several settings: what each setting's column (``#hash``) sets differently."""
-    keys = ("backbone", "image_size", "weights", "preset")
-    by_model: dict[str, dict[str, dict]] = {}
-    for r in results:
-        flat = {**{k: r.get(k) for k in keys}, **(r.get("config") or {})}
-        by_model.setdefault(r.get("model"), {})[setting_hash(r)] = flat
-    lines = []
-    for model, settings in sorted(by_model.items()):
-        if len(settings) < 2:
-            continue
-        fields = sorted({f for flat in settings.values() for f in flat})
-        differ = [f for f in fields if len({json.dumps(flat.get(f, "(absent)"), default=str)
-                                            for flat in settings.values()}) > 1]
-        for h, flat in sorted(settings.items()):
-            shown = ", ".join(f"{f}={flat.get(f, '(absent)')}" for f in differ)
-            lines.append(f"- **{model}** `#{h}`: {shown}")
-    if not lines:
-        return ""
-    return "## Settings\n\nDetectors run in several settings: what each column's setting sets differently.\n\n" + \
-        "\n".join(lines) + "\n"
 
 
 def plots():
@@ -185,7 +230,7 @@ def dataset_summary(frame: pd.DataFrame, metric: str, scale: float = 100.0) -> p
         Columns ``dataset, column, model, mean, std, n``; ``std`` is NaN below two seeds, ``mean`` NaN without a
         complete seed (the table's mean row says "(incomplete)" then).
     """
-    frame = frame.assign(column=_column(frame))
+    frame = latest_runs(frame)[0]
     rows = []
     for dataset, dframe in frame.groupby("dataset", sort=True):
         n_categories = dframe.category.nunique()
@@ -208,6 +253,7 @@ def speed_summary(frame: pd.DataFrame) -> pd.DataFrame:
 
 def category_means(frame: pd.DataFrame, metric: str, scale: float = 100.0) -> pd.DataFrame:
     """Rows ``dataset/category``, columns detectors, values: the mean over seeds (NaN where not run)."""
-    frame = frame.assign(column=_column(frame), row=frame.dataset.astype(str) + "/" + frame.category.astype(str))
+    frame = latest_runs(frame)[0]
+    frame = frame.assign(row=frame.dataset.astype(str) + "/" + frame.category.astype(str))
     table = frame.groupby(["row", "column"])[metric].mean().unstack("column") * scale
-    return table.sort_index().reindex(columns=sorted(frame.column.unique()))
+    return table.sort_index().reindex(columns=column_order(frame))

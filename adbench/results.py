@@ -6,6 +6,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -29,6 +30,52 @@ def setting_hash(result: dict) -> str:
     keys = ("model", "backbone", "image_size", "weights", "preset", "config")
     blob = json.dumps({k: result.get(k) for k in keys}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:6]
+
+
+ABSENT = "(absent)"  # a settings field a run does not record (e.g. a config field added after it ran)
+
+
+def run_settings(result: dict) -> dict:
+    """What a run was set to besides its seed, dataset and category: backbone, image size, weights, preset, config."""
+    keys = ("backbone", "image_size", "weights", "preset")
+    return {**{k: result.get(k) for k in keys}, **(result.get("config") or {})}
+
+
+def _shown(value) -> str:
+    return value if isinstance(value, str) else json.dumps(value, default=str)
+
+
+def column_labels(results: list[dict]) -> list[str]:
+    """Per run, its report column: the model name, plus the settings that set the model's runs apart.
+
+    A field sets runs apart when it takes two values within one dataset/category (a field that only follows the
+    category, such as a per-category default, does not), e.g. ``clscnf (cls_encoder_lr=0.001)``. Reference
+    (non-flow) detectors get `` (reference)``.
+    """
+    settings = [run_settings(r) for r in results]
+    values: dict[tuple, set[str]] = {}  # (model, dataset, category, field) -> values seen
+    fields: dict[str, set[str]] = {}
+    for r, flat in zip(results, settings, strict=True):
+        fields.setdefault(r.get("model"), set()).update(flat)
+    for r, flat in zip(results, settings, strict=True):
+        for f in fields[r.get("model")]:
+            key = (r.get("model"), r.get("dataset"), r.get("category"), f)
+            values.setdefault(key, set()).add(_shown(flat.get(f, ABSENT)))
+    differ = {m: sorted(f for f in fs if any(len(v) > 1 for k, v in values.items() if k[0] == m and k[3] == f))
+              for m, fs in fields.items()}
+    labels = []
+    for r, flat in zip(results, settings, strict=True):
+        model = str(r.get("model"))
+        shown = ", ".join(f"{f}={_shown(flat.get(f, ABSENT))}" for f in differ[r.get("model")])
+        labels.append(model + (f" ({shown})" if shown else "") + (" (reference)" if is_reference(model) else ""))
+    return labels
+
+
+def is_reference(model: str) -> bool:
+    """Whether a detector is a reference (non-flow) baseline: its class sets ``reference = True``."""
+    from adbench.models import MODELS  # here: adbench.models imports the runner's dependencies
+
+    return model in MODELS and bool(getattr(MODELS.get(model), "reference", False))
 
 
 def finite_or_none(obj):
@@ -136,13 +183,36 @@ def device_label(device: dict | None) -> str:
 
 
 def results_frame(results: list[dict]) -> pd.DataFrame:
-    """One row per run: identifying columns, the five metrics and timings."""
+    """One row per run: identifying columns, its report ``column`` (``column_labels``), the five metrics, timings."""
     rows = []
-    for r in results:
+    for r, column in zip(results, column_labels(results), strict=True):
         row = {k: r.get(k) for k in ("model", "dataset", "category", "backbone", "image_size", "seed", "path")}
-        row["setting"] = setting_hash(r)
-        row["device"] = device_label(r.get("device"))
+        row.update(column=column, setting=setting_hash(r), device=device_label(r.get("device")),
+                   started=r.get("started") or "", run=Path(r.get("path") or "").name)
         row.update({m: r.get("metrics", {}).get(m) for m in METRICS})
         row.update({f"timing_{k}": v for k, v in r.get("timing", {}).items()})
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _rerun_number(run: str) -> int:
+    """The ``-N`` suffix ``write_run`` gives a rerun's folder (0 for the first run)."""
+    match = re.search(r"_s\d+-(\d+)$", run)
+    return int(match.group(1)) if match else 0
+
+
+def latest_runs(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Keep the newest run of each (column, dataset, category, seed): a rerun replaces a seed, it is not another one.
+
+    Newest = latest ``started`` time, then the highest rerun suffix. Returns ``(kept, replaced)``; ``replaced`` has a
+    ``by`` column naming the run that replaced each.
+    """
+    if frame.empty:
+        return frame, frame.assign(by=[])
+    order = frame.assign(_n=frame.run.map(_rerun_number)).sort_values(["started", "_n"], kind="stable")
+    keys = ["column", "dataset", "category", "seed"]
+    newest = order.groupby(keys, dropna=False).tail(1)
+    replaced = order.drop(newest.index)
+    by = newest.set_index(keys).run
+    replaced = replaced.assign(by=[by.loc[tuple(k)] for k in replaced[keys].itertuples(index=False)])
+    return newest.drop(columns="_n").sort_index(), replaced.drop(columns="_n").sort_index()

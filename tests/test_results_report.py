@@ -11,8 +11,8 @@ from adbench.report import build_report, metric_table
 from adbench.results import load_results, results_frame, write_run
 
 
-def fake(model="fastflow", dataset="mtd", category="mtd", seed=0, auroc=0.9, backbone="tf_efficientnet_lite0",
-         speed=5.0, device=None):
+def fake(model="fastflow", dataset="mtd", category="mtd", seed=0, auroc: float | None = 0.9,
+         backbone="tf_efficientnet_lite0", speed=5.0, device=None):
     m = {"image_auroc": auroc, "pixel_auroc": 0.8, "image_aupr": 0.7, "pixel_aupr": 0.3, "aupro": 0.6}
     return {"model": model, "dataset": dataset, "category": category, "seed": seed, "backbone": backbone,
             "image_size": 256, "metrics": m, "timing": {"fit_s": 10.0, "test_images_per_s": speed},
@@ -66,7 +66,8 @@ def test_several_settings_of_one_model_get_separate_columns(tmp_path):
     put(tmp_path)
     put(tmp_path, backbone="resnet18")
     table = metric_table(results_frame(load_results(tmp_path)), "image_auroc")
-    assert "fastflow (resnet18@256)" in table.columns and "fastflow (tf_efficientnet_lite0@256)" in table.columns
+    assert "fastflow (backbone=resnet18)" in table.columns
+    assert "fastflow (backbone=tf_efficientnet_lite0)" in table.columns
 
 
 def test_different_configs_never_share_a_column_and_partial_seeds_are_flagged(tmp_path):
@@ -92,16 +93,99 @@ def test_speeds_from_different_devices_are_never_averaged(tmp_path):
     cpu = text.split("## Speed: test images/s, CPU (2 threads)")[1].split("##")[0]
     assert "1100.0 ± 141.4" in gpu and "20.0" not in gpu
     assert "| 20.0 " in cpu and "1100" not in cpu
-    assert text.index("NVIDIA H200") < text.index("CPU (2 threads)")  # the device most runs used comes first
+    assert text.index("## Speed: fit (s), NVIDIA H200") < text.index("## Speed: fit (s), CPU")  # most runs' first
     assert "90.0 ± 0.0" in text.split("## Image AUROC")[1].split("##")[0]
 
 
-def test_settings_section_says_what_differs_between_a_models_columns(tmp_path):
+def test_columns_are_named_by_the_settings_that_differ(tmp_path):
     for seed, lr in ((0, 1e-3), (1, 1e-4)):
-        r = {**fake(seed=seed), "config": {"lr": lr, "epochs": 3}}
-        write_run(tmp_path, f"fastflow_mtd_s{seed}", {"result.json": json.dumps(r)})
+        r = {**fake(seed=seed), "model": "clscnf", "config": {"cls_encoder_lr": lr, "epochs": 3}}
+        write_run(tmp_path, f"clscnf_mtd_s{seed}", {"result.json": json.dumps(r)})
+    write_run(tmp_path, "clscnf_old", {"result.json": json.dumps({**fake(), "model": "clscnf",
+                                                                  "config": {"epochs": 3}})})
     put(tmp_path, model="cflow")
-    section = build_report(tmp_path).split("## Settings")[1].split("##")[0]
-    lines = [ln for ln in section.splitlines() if ln.startswith("- ")]
-    assert len(lines) == 2 and all("**fastflow**" in ln for ln in lines)  # cflow has one setting: not listed
-    assert sorted(ln.split(": ")[1] for ln in lines) == ["lr=0.0001", "lr=0.001"]  # epochs is the same: not shown
+    table = metric_table(results_frame(load_results(tmp_path)), "image_auroc")
+    assert list(table.columns)[2:] == ["cflow", "clscnf (cls_encoder_lr=(absent))", "clscnf (cls_encoder_lr=0.0001)",
+                                       "clscnf (cls_encoder_lr=0.001)"]  # epochs is the same: not in the names
+
+
+def test_a_field_that_only_follows_the_category_does_not_split_a_column(tmp_path):
+    for category, weight in (("bottle", 1.0), ("cable", 0.5)):  # a per-category default, as clscnf's fusion weight
+        r = {**fake(dataset="mvtec", category=category), "config": {"weight": weight}}
+        write_run(tmp_path, f"fastflow_{category}_s0", {"result.json": json.dumps(r)})
+    table = metric_table(results_frame(load_results(tmp_path)), "image_auroc")
+    assert list(table.columns) == ["dataset", "category", "fastflow"] and table.iloc[-1].fastflow == "90.0"
+
+
+def test_a_rerun_of_a_seed_replaces_it_and_is_not_a_second_seed(tmp_path):
+    """Seed 0 run twice with the same settings (folders ..._s0 and ..._s0-1): one value, no spread."""
+    first = put(tmp_path, auroc=0.12)
+    rerun = put(tmp_path, auroc=0.605)
+    assert rerun.name == first.name + "-1"
+    table = metric_table(results_frame(load_results(tmp_path)), "image_auroc")
+    assert table.iloc[0].fastflow == "60.5"  # the newest run, alone (before: "36.2 ± 34.3", two runs as two seeds)
+    text = build_report(tmp_path)
+    assert "±" not in text.split("## Image AUROC (%)")[1].split("##")[0]
+    assert "1 run from" in text and "over 1 seed (0)" in text and "1 older run(s) of a seed are left out" in text
+    assert f"- `{first.name}` (seed 0), replaced by `{rerun.name}`" in text.split("## Reruns")[1]
+
+
+def test_newest_is_by_start_time_then_rerun_suffix(tmp_path):
+    r = fake()
+    write_run(tmp_path, "ff_s0", {"result.json": json.dumps({**r, "started": "2026-01-02T00:00:00+00:00"})})
+    write_run(tmp_path, "ff_s0", {"result.json": json.dumps({**r, "started": "2026-01-01T00:00:00+00:00",
+                                                             "metrics": {**r["metrics"], "image_auroc": 0.1}})})
+    table = metric_table(results_frame(load_results(tmp_path)), "image_auroc")
+    assert table.iloc[0].fastflow == "90.0"  # ff_s0-1 started earlier: ff_s0 is the newest
+
+
+def test_report_counts_seeds_not_runs(tmp_path):
+    for seed in (0, 1, 2):
+        put(tmp_path, seed=seed, auroc=0.8 + 0.05 * seed)
+    put(tmp_path, seed=2, auroc=0.9)  # a rerun of seed 2
+    text = build_report(tmp_path)
+    assert "3 runs from" in text and "over 3 seeds (0, 1, 2)" in text
+    summary = text.split("## Summary: mtd")[1].split("##")[0]
+    assert "| fastflow   | 85.0 ± 5.0  |" in summary and "| 3       |" in summary
+
+
+def test_a_null_metric_is_shown_missing_not_dropped(tmp_path):
+    put(tmp_path, seed=0, auroc=0.8)
+    put(tmp_path, seed=1, auroc=None)
+    put(tmp_path, seed=2, auroc=0.9)
+    table = metric_table(results_frame(load_results(tmp_path)), "image_auroc")
+    assert table.iloc[0].fastflow == "85.0 ± 7.1 (null in 1 of 3 seeds)"
+    for seed in (0, 1):
+        put(tmp_path / "m", dataset="mvtec", category="a", seed=seed)
+        put(tmp_path / "m", dataset="mvtec", category="b", seed=seed, auroc=None if seed else 0.7)
+    table = metric_table(results_frame(load_results(tmp_path / "m")), "image_auroc")
+    rows = {r.category: r.fastflow for r in table.itertuples()}
+    assert rows["b"] == "70.0 (null in 1 of 2 seeds)" and rows["**mean**"] == "80.0 (incomplete)"
+
+
+def test_per_defect_type_image_auroc_from_scores_csv(tmp_path):
+    scores = "path,label,defect,score\n" + "\n".join([
+        "g1,0,good,0.1", "g2,0,good,0.2", "g3,0,good,0.6",
+        "c1,1,crack,0.9", "c2,1,crack,0.8",  # above every good image: 100
+        "h1,1,hole,0.15", "h2,1,hole,0.05"])  # h1 beats one of three good images, h2 none: 1/6
+    for seed in (0, 1):
+        r = fake(seed=seed)
+        write_run(tmp_path, f"fastflow_mtd_s{seed}", {"result.json": json.dumps(r), "scores.csv": scores})
+    put(tmp_path, model="cflow")  # no scores.csv
+    text = build_report(tmp_path)
+    section = text.split("## Image AUROC per defect type (%)")[1].split("##")[0]
+    lines = [ln for ln in section.splitlines() if ln.startswith("| mtd")]
+    assert [ln.split("|")[3].strip() for ln in lines] == ["crack", "hole"]
+    assert [[c.strip() for c in ln.split("|")[4:7]] for ln in lines] == [["2", "–", "100.0 ± 0.0"],
+                                                                         ["2", "–", "16.7 ± 0.0"]]
+
+
+def test_reference_detectors_are_marked_and_listed_last(tmp_path, monkeypatch):
+    from adbench.models import MODELS
+
+    monkeypatch.setattr(MODELS.get("aeflow"), "reference", True, raising=False)
+    put(tmp_path, model="aeflow")
+    put(tmp_path, model="fastflow")
+    table = metric_table(results_frame(load_results(tmp_path)), "image_auroc")
+    assert list(table.columns) == ["dataset", "category", "fastflow", "aeflow (reference)"]
+    assert "| aeflow (reference) |" in build_report(tmp_path).split("## Summary: mtd")[1]
