@@ -12,6 +12,8 @@ import platform
 import random
 import sys
 import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
@@ -56,11 +58,28 @@ class RunSpec:
 SAVE_MAPS_MAX_TEST = 300  # default of ``save_maps``: draw the figures when the test split has at most this many images
 
 
+def code_version(model: str) -> dict[str, str | None]:
+    """adbench's version and the sha256 (16 hex digits) of the detector's file, recorded in every result as ``code``."""
+    import inspect
+
+    from adbench.models import MODELS
+
+    source = Path(inspect.getfile(MODELS.get(model))).read_bytes()
+    try:
+        version = metadata.version("adbench")
+    except metadata.PackageNotFoundError:
+        version = None
+    return {"adbench": version, "detector": hashlib.sha256(source).hexdigest()[:16]}
+
+
 def cell_key(spec: RunSpec, config) -> str:
-    """Hash of everything that determines a run's result, recorded as ``cell`` (sweeps skip cells already run)."""
+    """Hash of everything that determines a run's result, recorded as ``cell`` (sweeps skip cells already run).
+
+    The code is part of it (``code_version``): after a release or an edit of the detector's file, cells run again.
+    """
     parts = {"model": spec.model, "dataset": spec.dataset, "category": spec.category, "seed": spec.seed,
              "backbone": spec.backbone, "weights": spec.weights, "image_size": spec.image_size,
-             "preset": spec.preset, "config": dataclasses.asdict(config)}
+             "preset": spec.preset, "config": dataclasses.asdict(config), "code": code_version(spec.model)}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -148,8 +167,17 @@ def run(spec: RunSpec, progress: Progress = NULL_PROGRESS) -> list[Path]:
     return [run_one(dataclasses.replace(spec, category=c), progress) for c in categories_of(spec)]
 
 
-def run_one(spec: RunSpec, progress: Progress = NULL_PROGRESS) -> Path:
-    """Train and evaluate one detector on one category; writes and returns the run folder."""
+Measure = Callable[[Any, dict[str, Any], torch.device], dict[str, Any]]  # (detector, test samples, device) -> values
+
+
+def run_one(spec: RunSpec, progress: Progress = NULL_PROGRESS, *, eval_epochs: Sequence[int] = (),
+            measure: Measure | None = None) -> Path:
+    """Train and evaluate one detector on one category; writes and returns the run folder.
+
+    Scripts hook in here rather than copy the pipeline: ``eval_epochs`` also evaluates the five metrics after those
+    epochs of each training stage (result ``epochs``: one row each, ``fit_s`` without the evaluations); ``measure``
+    is called with the trained detector and the test samples after the evaluation (result ``measured``).
+    """
     started = datetime.now(timezone.utc)
     keep_freed_memory()
     device = resolve_device(spec.device)
@@ -168,18 +196,36 @@ def run_one(spec: RunSpec, progress: Progress = NULL_PROGRESS) -> Path:
     store, backbone_s = extract_features(extractor, train, batch_size=config.batch_size, device=device,
                                          cache_dir=spec.cache_dir, key=key, progress=progress)
     extract_s = time.perf_counter() - t0
+    samples = load_split(test, config.batch_size, spec.workers, progress)
+    epoch_rows: list[dict[str, Any]] = []
     try:
         seed_everything(spec.seed)
         detector = create_model(spec.model, extractor, spec.image_size, config).to(device)
-        t0 = time.perf_counter()
         images = None
         if detector.needs_images:  # e.g. a reconstruction target: the training images, in the store's order
             images = load_split(train, config.batch_size, spec.workers, progress)["image"]
-        history = detector.fit(store, progress, images=images)
-        fit_s = time.perf_counter() - t0
+        t0, paused = time.perf_counter(), 0.0
+
+        def evaluate(epoch: int, fields: dict[str, Any]) -> None:  # mid-training (eval_epochs); not fit time
+            nonlocal paused
+            start = time.perf_counter()
+            detector.calibrate(store)  # e.g. CFLOW's training-set maxima, which fit computes at its end
+            fit_so_far, modes = time.perf_counter() - t0 - paused, {m: m.training for m in detector.modules()}
+            got, got_maps, seconds, _ = predict_all(detector, samples["image"], config.batch_size, device, progress)
+            for module, mode in modes.items():
+                module.train(mode)
+            epoch_rows.append({"epoch": epoch, **M.compute_metrics(got, samples["label"], got_maps, samples["mask"]),
+                               "fit_s": fit_so_far, "schedule_epochs": config.epochs, "loss": fields.get("loss"),
+                               "test_images_per_s": len(got) / seconds})
+            paused += time.perf_counter() - start
+
+        fit_progress = EpochHook(progress, eval_epochs, evaluate) if eval_epochs else progress
+        history = detector.fit(store, fit_progress, images=images)
+        _sync(device)
+        fit_s = time.perf_counter() - t0 - paused
     finally:
         store.close()
-    samples = load_split(test, config.batch_size, spec.workers, progress)
+    warm_up(detector, samples["image"], config.batch_size, device)
     scores, maps, predict_s, parts = predict_all(detector, samples["image"], config.batch_size, device, progress)
     if not (np.isfinite(scores).all() and np.isfinite(maps).all()):
         raise TrainingError(f"{spec.model} produced NaN/inf anomaly scores on {spec.dataset}/{spec.category}; "
@@ -188,6 +234,7 @@ def run_one(spec: RunSpec, progress: Progress = NULL_PROGRESS) -> Path:
     metrics = M.compute_metrics(scores, samples["label"], maps, samples["mask"])
     part_metrics = {name: M.compute_metrics(s, samples["label"], m, samples["mask"] if m is not None else None)
                     for name, (s, m) in parts.items()}
+    measured = measure(detector, samples, device) if measure is not None else None
     n_test = len(test)
     figures, figures_error = {}, None
     if spec.save_maps if spec.save_maps is not None else n_test <= SAVE_MAPS_MAX_TEST:
@@ -207,13 +254,15 @@ def run_one(spec: RunSpec, progress: Progress = NULL_PROGRESS) -> Path:
         "config": dataclasses.asdict(config),
         "metrics": metrics,
         **({"parts": part_metrics} if part_metrics else {}),
+        **({"epochs": epoch_rows} if eval_epochs else {}),
+        **({"measured": measured} if measured is not None else {}),
         "timing": {
             "extract_train_s": extract_s, "fit_s": fit_s, "predict_s": predict_s,
             "test_images_per_s": n_test / predict_s if predict_s > 0 else None,
             "backbone_images_per_s": len(train) / backbone_s if backbone_s > 0 else None,
             **({"fit_stages_s": detector.stage_seconds} if getattr(detector, "stage_seconds", None) else {}),
         },
-        "cell": cell_key(spec, config),
+        "cell": cell_key(spec, config), "code": code_version(spec.model),
         "n_train": len(train), "n_test": n_test, "n_test_anomalous": int(samples["label"].sum()),
         "loss_history": history,
         "figures": sorted(figures), **({"figures_error": figures_error} if figures_error else {}),
@@ -238,6 +287,51 @@ def run_one(spec: RunSpec, progress: Progress = NULL_PROGRESS) -> Path:
     path = write_run(spec.results_dir, name, {"result.json": text, "scores.csv": buf.getvalue(), **figures})
     mark_cell(spec.results_dir, result["cell"], path)
     return path
+
+
+class EpochHook(Progress):
+    """The progress ``fit`` reports to, calling ``at_epoch(epoch, fields)`` after the chosen epochs of each stage."""
+
+    def __init__(self, inner: Progress, epochs: Sequence[int], at_epoch: Callable[[int, dict], None]) -> None:
+        self.inner, self.epochs, self.at_epoch = inner, set(epochs), at_epoch
+
+    @contextmanager
+    def task(self, description: str, total: int | None = None) -> Iterator:
+        with self.inner.task(description, total) as advance:
+            if not description.startswith("train "):  # train.run_stage: one step per epoch
+                yield advance
+                return
+            done = 0
+
+            def counted(n: int = 1, **fields) -> None:
+                nonlocal done
+                advance(n, **fields)
+                done += n
+                if done in self.epochs:
+                    self.at_epoch(done, fields)
+
+            yield counted
+
+    def log(self, message: str) -> None:
+        self.inner.log(message)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def warm_up(detector, images: torch.Tensor, batch_size: int, device: torch.device) -> None:
+    """On CUDA, predict the first full batch and the last partial one untimed: kernels load and algorithms are
+    picked on a shape's first use, which would otherwise count as the detector's time."""
+    if device.type != "cuda":
+        return
+    last = len(images) % batch_size
+    detector.eval()
+    with torch.no_grad():
+        for batch in [images[:batch_size]] + ([images[-last:]] if last else []):
+            detector.predict(batch.to(device))
+    _sync(device)
 
 
 def _fingerprint(dataset: AnomalyDataset) -> list:

@@ -1,23 +1,26 @@
 """`make bench`: every detector on the same data, backbone, image size and machine, one table.
 
 Usage: python scripts/bench.py [--models fastflow,cflow] [--dataset mtd] [--image-size 256] [--readme README.md]
-Per detector (each in its own process, so peak memory is its own): fit time of one epoch on cached features (the
-schedule's other fields at their defaults), end-to-end test images/s at the model's batch size, latency per image at
-batch size 1 (median of single-image calls), peak memory (CPU: the process's max resident set; CUDA: torch's peak
-allocation) and the backbone-only throughput (the ceiling of test images/s). On CUDA: warm-up, synchronisation and
-fp16 autocast for the backbone. Without the dataset under ADBENCH_DATA it falls back to the synthetic one and says so.
+Per detector (each in its own process, so peak memory is its own), one `adbench run` of one epoch through
+``runner.run_one`` (the same pipeline, so a fix to the runner reaches these numbers): its fit time (the schedule's other
+fields at their defaults) and end-to-end test images/s at the model's batch size; through run_one's ``measure`` hook,
+latency per image at batch size 1 (median of single-image calls) and the backbone-only throughput over the test
+images (the ceiling of test images/s); then peak memory (CPU: the process's max resident set; CUDA: torch's peak
+allocation). On CUDA the runner warms up every batch shape and synchronises. Without the dataset under ADBENCH_DATA
+it falls back to the synthetic one and says so.
 Writes results/bench.md (and the README's bench table between its markers with --readme).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-import platform
 import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -33,70 +36,48 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _warm_up_batches(images: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
-    """The first full batch and the last partial one, run once untimed: CUDA loads kernels and picks algorithms on
-    a shape's first use. Warmed with the first batch only, the backbone-only pass on an H200 measured 418 images/s,
-    below the 1526 end to end that includes it (FastFlow, MTD, 256 px); the partial batch's first use, timed only in
-    the backbone pass, is the likely cause (not re-measured)."""
-    last = len(images) % batch_size
-    return [images[:batch_size]] + ([images[-last:]] if last else [])
+def measure(detector, samples: dict, device: torch.device, n_latency: int) -> dict:
+    """After the run's own evaluation: the backbone alone over the test images (the ceiling of test images/s) and
+    the latency of single-image calls (median)."""
+    from adbench.runner import warm_up
+
+    images, batch = samples["image"], detector.config.batch_size
+    warm_up(detector, images, batch, device)  # first use of each batch shape, on CUDA
+    with torch.no_grad():
+        _sync(device)
+        t0 = time.perf_counter()
+        for start in range(0, len(images), batch):
+            detector.extractor(images[start : start + batch].to(device))
+        _sync(device)
+        backbone_s = time.perf_counter() - t0
+        latencies = []
+        for i in range(min(n_latency, len(images))):
+            t0 = time.perf_counter()
+            detector.predict(images[i : i + 1].to(device)).anomaly_map.cpu()
+            latencies.append(time.perf_counter() - t0)
+    return {"backbone_images_per_s": len(images) / backbone_s, "latency_ms": 1000 * statistics.median(latencies)}
 
 
 def bench_one(model: str, dataset: str, category: str, image_size: int, device_name: str, n_latency: int) -> dict:
-    """Measure one detector in this process."""
-    from adbench.datasets import AnomalyDataset, open_family
-    from adbench.features import create_extractor, extract_features
-    from adbench.models import create_model, resolve_config
-    from adbench.progress import NULL_PROGRESS
-    from adbench.runner import keep_freed_memory, load_split, predict_all, resolve_device, seed_everything
+    """Measure one detector in this process: one `adbench run` (``runner.run_one``) of one epoch, plus ``measure``."""
+    from adbench.runner import RunSpec, resolve_device, run_one
 
-    malloc = keep_freed_memory()  # as every adbench run does
     device = resolve_device(device_name)
-    config = resolve_config(model, "tf_efficientnet_lite0", {"epochs": 1, **ONE_EPOCH.get(model, {})})
-    family = open_family(dataset)
-    train = AnomalyDataset(family, category, "train", image_size)
-    test = AnomalyDataset(family, category, "test", image_size)
-    seed_everything(0)
-    extractor = create_extractor("tf_efficientnet_lite0", config.layers).to(device)
-    store, _ = extract_features(extractor, train, batch_size=config.batch_size, device=device)
-    samples = load_split(test, config.batch_size, 2, NULL_PROGRESS)
-    images = samples["image"]
-    with torch.no_grad():  # backbone alone over the test images (after warm-up)
-        for warm in _warm_up_batches(images, config.batch_size):
-            extractor(warm.to(device))
-        _sync(device)
-        t0 = time.perf_counter()
-        for start in range(0, len(images), config.batch_size):
-            extractor(images[start : start + config.batch_size].to(device))
-        _sync(device)
-        backbone_s = time.perf_counter() - t0
-    detector = create_model(model, extractor, image_size, config).to(device)
-    train_images = load_split(train, config.batch_size, 2, NULL_PROGRESS)["image"] if detector.needs_images else None
-    _sync(device)
-    t0 = time.perf_counter()
-    detector.fit(store, NULL_PROGRESS, images=train_images)
-    _sync(device)
-    fit_s = time.perf_counter() - t0
-    detector.eval()
-    for warm in _warm_up_batches(images, config.batch_size):
-        predict_all(detector, warm, config.batch_size, device, NULL_PROGRESS)
-    _, _, predict_s, _ = predict_all(detector, images, config.batch_size, device, NULL_PROGRESS)
-    latencies = []
-    with torch.no_grad():
-        for i in range(min(n_latency, len(images))):
-            t0 = time.perf_counter()
-            pred = detector.predict(images[i : i + 1].to(device))
-            pred.anomaly_map.cpu()
-            latencies.append(time.perf_counter() - t0)
+    spec = RunSpec(model=model, dataset=dataset, category=category, image_size=image_size, device=device_name,
+                   overrides={"epochs": 1, **ONE_EPOCH.get(model, {})}, save_maps=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = run_one(dataclasses.replace(spec, results_dir=Path(tmp)),
+                         measure=lambda det, samples, dev: measure(det, samples, dev, n_latency))
+        r = json.loads((folder / "result.json").read_text())
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) / 2**20
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    return {"model": model, "fit_epoch_s": fit_s, "test_images_per_s": len(images) / predict_s,
-            "latency_ms": 1000 * statistics.median(latencies), "peak_mib": peak,
-            "backbone_images_per_s": len(images) / backbone_s, "n_train": len(train), "n_test": len(images),
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-            "memory_kind": "CUDA peak allocated" if device.type == "cuda" else "process max RSS", "malloc": malloc}
+    return {"model": model, "fit_epoch_s": r["timing"]["fit_s"], "test_images_per_s": r["timing"]["test_images_per_s"],
+            **r["measured"], "peak_mib": peak, "n_train": r["n_train"], "n_test": r["n_test"],
+            "device": r["device"].get("name") or r["device"]["cpu"] or "cpu",
+            "memory_kind": "CUDA peak allocated" if device.type == "cuda" else "process max RSS",
+            "malloc": r["malloc"]}
 
 
 def table(rows: list[dict], command: str, setting: str) -> str:

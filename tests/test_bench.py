@@ -41,3 +41,36 @@ def test_bench_measures_the_others_when_one_detector_fails(tmp_path):
     assert proc.returncode == 1  # the failure is not hidden
     text = (tmp_path / "bench.md").read_text()
     assert "| fastflow |" in text and "Failed: nosuch: " in text and "unknown" in text.split("Failed:")[1].lower()
+
+
+def test_epoch_sweep_is_one_adbench_run_evaluated_along_the_way(tmp_path):
+    """Rows from runner.run_one: the last row is the run it writes, and epoch 1 equals a 1-epoch run."""
+    import json
+
+    from adbench.runner import RunSpec, run_one
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "scripts/epoch_sweep.py", "--model", "fastflow", "--dataset", "synthetic", "--category",
+           "pattern", "--image-size", "64", "--epochs", "2,1", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "| epochs | Img AUROC | Pix AUROC | Img AUPR | Pix AUPR | AUPRO | fit (s) |" in proc.stdout
+    (csv,) = tmp_path.glob("*.csv")
+    lines = csv.read_text().splitlines()
+    assert lines[0].startswith("epoch,image_auroc") and [ln.split(",")[0] for ln in lines[1:]] == ["1", "2"]
+    (run,) = (tmp_path / "runs").glob("*/result.json")
+    result = json.loads(run.read_text())
+    assert result["config"]["epochs"] == 2 and [row["epoch"] for row in result["epochs"]] == [1, 2]
+    assert result["epochs"][-1]["image_auroc"] == result["metrics"]["image_auroc"]
+    one = run_one(RunSpec(category="pattern", image_size=64, overrides={"epochs": 1}, results_dir=tmp_path / "one",
+                          save_maps=False))
+    assert json.loads((one / "result.json").read_text())["metrics"] == {
+        k: v for k, v in result["epochs"][0].items() if k in result["metrics"]}
+
+
+def test_scripts_hold_no_copy_of_the_run_pipeline():
+    """bench.py and epoch_sweep.py go through runner.run_one; they never build extractors or detectors themselves."""
+    for script in ("bench.py", "epoch_sweep.py"):
+        text = (REPO / "scripts" / script).read_text()
+        assert "run_one(" in text
+        assert not any(name in text for name in ("create_model", "create_extractor", "extract_features", ".fit("))
