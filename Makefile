@@ -24,9 +24,9 @@ demo: install
 test: install
 	$(BIN)/python -m pytest
 
-# Every detector on the same data (MTD under ADBENCH_DATA, else synthetic), 256 px, Lite0: results/bench.md + README.
+# Every detector on the same data (MTD under ADBENCH_DATA, else synthetic), 256 px, Lite0: results/bench.md.
 bench: install
-	$(BIN)/python scripts/bench.py --readme README.md
+	$(BIN)/python scripts/bench.py
 
 # The published grid (4 detectors x MVTec AD + BTAD x 3 seeds, paper settings): a GPU job; needs the datasets.
 reproduce: install

@@ -128,6 +128,26 @@ def defect_table(frame: pd.DataFrame, scale: float = 100.0, digits: int = 1) -> 
     return pd.DataFrame(rows, columns=["dataset", "category", "defect", "images", *columns])
 
 
+def parts_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """The parts a detector fuses (``parts`` in result.json, e.g. flow-only and SSIM-only scores), each scored alone,
+    beside the detector's own score: rows (dataset, detector, part), the dataset mean of each metric over seeds."""
+    frame = latest_runs(frame)[0]
+    rows = []
+    for (dataset, column), runs in frame[frame.parts.map(bool)].groupby(["dataset", "column"], sort=True):
+        n_categories = frame[frame.dataset == dataset].category.nunique()
+        names = ["(detector)", *sorted({name for parts in runs.parts for name in parts})]
+        for name in names:
+            scored = runs if name == "(detector)" else runs.assign(**{m: [p.get(name, {}).get(m) for p in runs.parts]
+                                                                      for m in SHORT})
+            cells = {}
+            for metric, short in SHORT.items():
+                per_seed = seed_means(scored.astype({metric: float}), metric, n_categories)
+                complete = len(per_seed) > 0 and per_seed.notna().all()
+                cells[short] = _cell(per_seed.dropna(), 100.0, 1) + ("" if complete else " (incomplete)")
+            rows.append({"dataset": dataset, "detector": column, "part": name, **cells})
+    return pd.DataFrame(rows, columns=["dataset", "detector", "part", *SHORT.values()])
+
+
 def _markdown(table: pd.DataFrame) -> str:
     return table.to_markdown(index=False, disable_numparse=True)
 
@@ -190,6 +210,11 @@ def report_with_figures(results_dir: Path, stem: str | None,
     parts.append("## Image AUROC per defect type (%)\n\nEach defect type's test images against all good test images "
                  "of the category (from each run's `scores.csv`).\n\n"
                  + (_markdown(defects) if len(defects) else "No run has a scores.csv.") + "\n")
+    parts_found = parts_table(frame)
+    if len(parts_found):
+        parts.append("## Parts scored alone (%)\n\nDetectors that fuse several scores also record each part's "
+                     "metrics (`parts` in result.json); `(detector)` is the fused score, as in the tables above.\n\n"
+                     f"{_markdown(parts_found)}\n")
     # timings are only compared on one machine: a table per device, the device most runs used first
     devices = frame.device.value_counts().sort_index().sort_values(ascending=False, kind="stable")
     for key, title in TIMINGS.items():

@@ -188,7 +188,7 @@ def results_frame(results: list[dict]) -> pd.DataFrame:
     for r, column in zip(results, column_labels(results), strict=True):
         row = {k: r.get(k) for k in ("model", "dataset", "category", "backbone", "image_size", "seed", "path")}
         row.update(column=column, setting=setting_hash(r), device=device_label(r.get("device")),
-                   started=r.get("started") or "", run=Path(r.get("path") or "").name)
+                   started=r.get("started") or "", run=Path(r.get("path") or "").name, parts=r.get("parts") or {})
         row.update({m: r.get("metrics", {}).get(m) for m in METRICS})
         row.update({f"timing_{k}": v for k, v in r.get("timing", {}).items()})
         rows.append(row)

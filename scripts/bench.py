@@ -1,6 +1,6 @@
 """`make bench`: every detector on the same data, backbone, image size and machine, one table.
 
-Usage: python scripts/bench.py [--models fastflow,cflow] [--dataset mtd] [--image-size 256] [--readme README.md]
+Usage: python scripts/bench.py [--models fastflow,cflow] [--dataset mtd] [--image-size 256] [--out results/bench.md]
 Per detector (each in its own process, so peak memory is its own), one `adbench run` of one epoch through
 ``runner.run_one`` (the same pipeline, so a fix to the runner reaches these numbers): its fit time (the schedule's other
 fields at their defaults) and end-to-end test images/s at the model's batch size; through run_one's ``measure`` hook,
@@ -8,7 +8,7 @@ latency per image at batch size 1 (median of single-image calls) and the backbon
 images (the ceiling of test images/s); then peak memory (CPU: the process's max resident set; CUDA: torch's peak
 allocation). On CUDA the runner warms up every batch shape and synchronises. Without the dataset under ADBENCH_DATA
 it falls back to the synthetic one and says so.
-Writes results/bench.md (and the README's bench table between its markers with --readme).
+Writes results/bench.md.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from pathlib import Path
 
 import torch
 
-MARK_BEGIN, MARK_END = "<!-- bench:begin -->", "<!-- bench:end -->"
 # "One epoch" for detectors with several training stages: one pass of each (besides ``epochs=1``)
 ONE_EPOCH = {"clscnf": {"cls_frozen_epochs": 1, "cls_finetune_epochs": 1}}
 
@@ -105,7 +104,6 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--latency-images", type=int, default=20)
     ap.add_argument("--out", default="results/bench.md")
-    ap.add_argument("--readme", default=None, help="also replace the README's bench table between its markers")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: measure one model, print JSON
     args = ap.parse_args()
     dataset, category = args.dataset, args.category
@@ -149,14 +147,6 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(f"# adbench bench\n\n{text}")
     print(text)
-    if args.readme:
-        readme = Path(args.readme)
-        body = readme.read_text()
-        if MARK_BEGIN not in body or MARK_END not in body:
-            sys.exit(f"{readme} has no {MARK_BEGIN} ... {MARK_END} markers")
-        head, rest = body.split(MARK_BEGIN, 1)
-        readme.write_text(f"{head}{MARK_BEGIN}\n{text}{MARK_END}{rest.split(MARK_END, 1)[1]}")
-        print(f"updated {readme}", file=sys.stderr)
     if failed:
         sys.exit(1)
 

@@ -1,4 +1,4 @@
-"""`make bench`'s script: one process per detector, the table it writes, the README block it replaces."""
+"""`make bench` and the epoch sweep: scripts that measure through runner.run_one, and what they write."""
 
 from __future__ import annotations
 
@@ -10,12 +10,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_bench_writes_table_and_readme_block(tmp_path):
-    readme = tmp_path / "README.md"
-    readme.write_text("intro\n<!-- bench:begin -->\nold table\n<!-- bench:end -->\nafter\n")
+def test_bench_writes_table(tmp_path):
     env = {**os.environ, "ADBENCH_DATA": str(tmp_path / "no-data"), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "scripts/bench.py", "--models", "fastflow,cflow", "--dataset", "mtd", "--image-size", "64",
-           "--latency-images", "2", "--out", str(tmp_path / "bench.md"), "--readme", str(readme)]
+           "--latency-images", "2", "--out", str(tmp_path / "bench.md")]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "mtd not found" in proc.stderr and "synthetic dataset instead" in proc.stderr  # says it fell back
@@ -28,9 +26,7 @@ def test_bench_writes_table_and_readme_block(tmp_path):
         values = [float(v) for v in row[1:]]
         assert all(v > 0 for v in values), row
         assert values[1] <= values[4] * 1.5  # end-to-end throughput cannot beat the backbone alone by much
-    body = readme.read_text()
-    assert body.startswith("intro\n<!-- bench:begin -->\nMeasured with `python scripts/bench.py")
-    assert "old table" not in body and body.endswith("<!-- bench:end -->\nafter\n")
+    assert text.startswith("# adbench bench\n\nMeasured with `python scripts/bench.py --models fastflow,cflow")
 
 
 def test_bench_measures_the_others_when_one_detector_fails(tmp_path):

@@ -96,9 +96,12 @@ def test_folder_dataset_run(tmp_path):
     assert list((tmp_path / "res" / "runs").glob("fastflow_*_folder_widget_s0/result.json"))
 
 
+DOCS = [REPO / "README.md", *sorted((REPO / "results").glob("*.md"))]  # the README and the results files it links to
+
+
 def readme_lines(prefix: str) -> list[str]:
-    """Distinct command lines starting with ``prefix`` inside the README's shell code blocks."""
-    text = (REPO / "README.md").read_text()
+    """Distinct command lines starting with ``prefix`` inside the shell code blocks of the README and results/*.md."""
+    text = "\n".join(doc.read_text() for doc in DOCS)
     blocks = re.findall(r"```(?:bash|sh|console)\n(.*?)```", text, flags=re.S)
     lines = [ln.strip().removeprefix("$ ") for b in blocks for ln in b.splitlines()]
     return list(dict.fromkeys(ln for ln in lines if ln.startswith(prefix)))
@@ -109,7 +112,7 @@ def readme_commands() -> list[str]:
 
 
 def test_readme_has_no_untested_commands():
-    text = (REPO / "README.md").read_text()
+    text = "\n".join(doc.read_text() for doc in DOCS)
     blocks = re.findall(r"```(?:bash|sh|console)\n(.*?)```", text, flags=re.S)
     lines = {ln.strip() for b in blocks for ln in b.splitlines() if ln.strip() and not ln.strip().startswith("#")}
     tested = set(readme_commands()) | set(readme_lines("python scripts/")) | {

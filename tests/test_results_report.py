@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -189,3 +192,62 @@ def test_reference_detectors_are_marked_and_listed_last(tmp_path, monkeypatch):
     table = metric_table(results_frame(load_results(tmp_path)), "image_auroc")
     assert list(table.columns) == ["dataset", "category", "fastflow", "aeflow (reference)"]
     assert "| aeflow (reference) |" in build_report(tmp_path).split("## Summary: mtd")[1]
+
+
+def test_parts_are_scored_alone_beside_the_detector(tmp_path):
+    for seed, flow in ((0, 0.7), (1, 0.8)):
+        r = fake(model="aeflow", seed=seed)
+        r["parts"] = {"flow": {**r["metrics"], "image_auroc": flow}, "recon": {**r["metrics"], "image_auroc": None}}
+        write_run(tmp_path, f"aeflow_mtd_s{seed}", {"result.json": json.dumps(r)})
+    put(tmp_path, model="cflow")  # no parts: not listed
+    section = build_report(tmp_path).split("## Parts scored alone (%)")[1].split("##")[0]
+    rows = [[c.strip() for c in ln.split("|")[2:5]] for ln in section.splitlines() if ln.startswith("| mtd")]
+    assert rows == [["aeflow", "(detector)", "90.0 ± 0.0"], ["aeflow", "flow", "75.0 ± 7.1"],
+                    ["aeflow", "recon", "– (incomplete)"]]
+
+
+REPO = Path(__file__).resolve().parents[1]
+IMAGE_LINE = r"\n!\[[^\]]*\]\([^)]*\)\n"  # figure lines: the only thing --figures adds to the markdown
+
+
+def _tables(text: str) -> list[str]:
+    """The markdown tables of a text, each as its lines joined."""
+    return ["\n".join(t.strip().splitlines()) for t in re.findall(r"(?:^\|.*\|\n)+", text, flags=re.M)]
+
+
+@pytest.fixture
+def mtd_report(monkeypatch) -> str:
+    """`adbench report --results-dir results/sweep_mtd`, run on the committed MTD runs from the repository root."""
+    monkeypatch.chdir(REPO)
+    return build_report(Path("results/sweep_mtd"))
+
+
+def test_committed_mtd_report_is_what_its_command_writes(mtd_report):
+    committed = (REPO / "results" / "sweep_mtd.md").read_text()
+    assert re.sub(IMAGE_LINE, "", committed) == mtd_report, "regenerate: adbench report --results-dir " \
+        "results/sweep_mtd --output results/sweep_mtd.md --figures"
+
+
+def test_readme_mtd_table_is_the_reports_summary(mtd_report):
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("<!-- results:mtd:begin")[1].split("<!-- results:mtd:end -->")[0]
+    summary = mtd_report.split("## Summary: mtd")[1].split("\n## ")[0]
+    assert _tables(block) == _tables(summary)
+
+
+def test_ablation_tables_are_the_reports_parts_table(mtd_report):
+    (table,) = _tables((REPO / "results" / "ablations.md").read_text())
+    assert table in _tables(mtd_report.split("## Parts scored alone (%)")[1].split("\n## ")[0])
+
+
+def test_epoch_sweep_tables_are_what_the_script_prints_from_its_csvs():
+    import pandas as pd
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        from epoch_sweep import markdown
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+    expected = [markdown(pd.read_csv(REPO / "results" / "sweeps" / f"{m}_tf_efficientnet_lite0_mtd_256_s0.csv"))
+                for m in ("fastflow", "cflow")]
+    assert _tables((REPO / "results" / "epoch_sweeps.md").read_text()) == [t.strip() for t in expected]
