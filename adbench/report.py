@@ -26,8 +26,6 @@ TITLES = {
     "aupro": "AUPRO (FPR ≤ 0.3, %)",
 }
 TIMINGS = {"timing_fit_s": "fit (s)", "timing_test_images_per_s": "test images/s"}
-
-
 SHORT = {"image_auroc": "Img AUROC", "pixel_auroc": "Pix AUROC", "image_aupr": "Img AUPR", "pixel_aupr": "Pix AUPR",
          "aupro": "AUPRO"}
 
@@ -52,6 +50,14 @@ def seed_means(runs: pd.DataFrame, metric: str, n_categories: int) -> pd.Series:
         else np.nan for seed, g in runs.groupby("seed")}, dtype=float)
 
 
+def _mean_cell(runs: pd.DataFrame, metric: str, n_categories: int, scale: float = 100.0, digits: int = 1) -> str:
+    """The dataset mean of ``metric``, mean ± std over the seeds that cover every category ("(incomplete)" if any
+    seed does not)."""
+    per_seed = seed_means(runs, metric, n_categories)
+    complete = len(per_seed) > 0 and per_seed.notna().all()
+    return _cell(per_seed.dropna(), scale, digits) + ("" if complete else " (incomplete)")
+
+
 def metric_table(frame: pd.DataFrame, metric: str, scale: float = 100.0, digits: int = 1) -> pd.DataFrame:
     """Rows (dataset, category) plus a mean row per dataset; columns = detectors; seeds shown as mean ± std.
 
@@ -66,11 +72,8 @@ def metric_table(frame: pd.DataFrame, metric: str, scale: float = 100.0, digits:
             rows.append({"dataset": dataset, "category": category,
                          **{c: _cell(cframe[cframe.column == c][metric], scale, digits) for c in columns}})
         if dframe.category.nunique() > 1:
-            mean, n_categories = {}, dframe.category.nunique()
-            for c in columns:
-                per_seed = seed_means(dframe[dframe.column == c], metric, n_categories)
-                complete = len(per_seed) > 0 and per_seed.notna().all()
-                mean[c] = _cell(per_seed.dropna(), scale, digits) + ("" if complete else " (incomplete)")
+            n_categories = dframe.category.nunique()
+            mean = {c: _mean_cell(dframe[dframe.column == c], metric, n_categories, scale, digits) for c in columns}
             rows.append({"dataset": dataset, "category": "**mean**", **mean})
     return pd.DataFrame(rows, columns=["dataset", "category", *columns])
 
@@ -89,11 +92,7 @@ def summary_table(frame: pd.DataFrame, dataset: str) -> pd.DataFrame:
     rows = []
     for column in column_order(dframe):
         runs = dframe[dframe.column == column]
-        row = {"detector": column}
-        for metric, short in SHORT.items():
-            per_seed = seed_means(runs, metric, n_categories)
-            complete = len(per_seed) > 0 and per_seed.notna().all()
-            row[short] = _cell(per_seed.dropna(), 100.0, 1) + ("" if complete else " (incomplete)")
+        row = {"detector": column, **{short: _mean_cell(runs, m, n_categories) for m, short in SHORT.items()}}
         row["seeds"] = str(runs.seed.nunique())
         row["ran on"] = ", ".join(sorted(runs.device.unique()))
         rows.append(row)
@@ -137,14 +136,10 @@ def parts_table(frame: pd.DataFrame) -> pd.DataFrame:
         n_categories = frame[frame.dataset == dataset].category.nunique()
         names = ["(detector)", *sorted({name for parts in runs.parts for name in parts})]
         for name in names:
-            scored = runs if name == "(detector)" else runs.assign(**{m: [p.get(name, {}).get(m) for p in runs.parts]
-                                                                      for m in SHORT})
-            cells = {}
-            for metric, short in SHORT.items():
-                per_seed = seed_means(scored.astype({metric: float}), metric, n_categories)
-                complete = len(per_seed) > 0 and per_seed.notna().all()
-                cells[short] = _cell(per_seed.dropna(), 100.0, 1) + ("" if complete else " (incomplete)")
-            rows.append({"dataset": dataset, "detector": column, "part": name, **cells})
+            scored = runs if name == "(detector)" else runs.assign(
+                **{m: [p.get(name, {}).get(m) for p in runs.parts] for m in SHORT}).astype(dict.fromkeys(SHORT, float))
+            rows.append({"dataset": dataset, "detector": column, "part": name,
+                         **{short: _mean_cell(scored, m, n_categories) for m, short in SHORT.items()}})
     return pd.DataFrame(rows, columns=["dataset", "detector", "part", *SHORT.values()])
 
 
