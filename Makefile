@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test lint bench reproduce clean
+.PHONY: install demo test test-slurm lint bench reproduce clean
 
 install: $(STAMP)
 
@@ -23,6 +23,14 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest
+	@echo "make test: the Slurm tests (-m slurm) were not run: they need a Slurm cluster; as root, make test-slurm starts one"
+
+# The tests marked slurm, against a one-node Slurm with accounting on localhost (root: installs Debian's packages).
+SLURM_LOCAL_DIR ?= /tmp/adbench-slurm
+test-slurm: install
+	export SLURM_LOCAL_DIR=$(SLURM_LOCAL_DIR) SLURM_CONF=$(SLURM_LOCAL_DIR)/slurm.conf; \
+	scripts/slurm_local.sh start && $(BIN)/python -m pytest -m slurm tests/test_slurm.py; \
+	rc=$$?; scripts/slurm_local.sh stop; exit $$rc
 
 # Every detector on the same data (MTD under ADBENCH_DATA, else synthetic), 256 px, Lite0: results/bench.md.
 bench: install

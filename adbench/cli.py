@@ -187,13 +187,12 @@ def sweep(
         spec = load_grid(grid)
         cells = expand(spec, results_dir, data_root, need_data=not dry_run)
         if dry_run:
-            from adbench.sweep import done_cells
+            from adbench.sweep import cell_states
 
-            done = done_cells(results_dir)
+            states = cell_states(cells)  # done, todo, or queued/running on Slurm or in another sweep
             for cell in cells:
-                state = "done" if cell.key in done else "todo"
-                print(f"{state}  {cell.name}  {cell.settings()}")
-            todo = sum(c.key not in done for c in cells)
+                print(f"{states[cell.key]}  {cell.name}  {cell.settings()}")
+            todo = sum(state == "todo" for state in states.values())
             console.print(f"{len(cells)} cells, {todo} to run", highlight=False)
             return
         check_writable(results_dir)
@@ -204,11 +203,18 @@ def sweep(
             extra = status.get("error") or status.get("path") or ""
             console.print(f"{status['status']:6s} {status['name']}  {extra}", highlight=False, soft_wrap=True)
 
-        run_sweep(cells, executor, spec.get("slurm"), on_result=show)
+        statuses = run_sweep(cells, executor, spec.get("slurm"), on_result=show)
         summary = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
         console.print(f"{len(cells)} cells: {summary}", highlight=False)
-        if counts.get("failed"):
-            raise AdbenchError(f"{counts['failed']} cell(s) failed; their errors are in {results_dir / 'failures'}")
+        failed = [s["name"] for s in statuses if s["status"] == "failed"]
+        busy = [s["name"] for s in statuses if s["status"] not in ("done", "ran", "failed")]
+        problems = [f"{len(failed)} cell(s) failed: {', '.join(failed)}; their errors are in {results_dir / 'failures'}"
+                    ] if failed else []
+        if busy:  # a sweep is done only when every cell is: one still held elsewhere needs another pass
+            problems.append(f"{len(busy)} cell(s) not run, held by another sweep or Slurm job: {', '.join(busy)} "
+                            f"(locks in {results_dir / 'locks'}); run the sweep again once they end")
+        if problems:
+            raise AdbenchError("; ".join(problems))
 
 
 class Listable(str, Enum):

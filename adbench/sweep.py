@@ -19,7 +19,9 @@ A grid file::
 
 A cell whose result already exists with the same settings (``result.json`` field ``cell``) is skipped, so an
 interrupted sweep resumes where it stopped. A failing cell leaves ``failures/<cell>.json`` with its error and the
-others go on. A lock file per cell (``locks/``) keeps two sweeps on one results folder from running a cell twice.
+others go on. A lock file per cell (``locks/``) keeps two sweeps on one results folder from running a cell twice; a
+lock taken inside a Slurm job expires when that job ends (killed, cancelled, timed out), whichever node it ran on.
+On Slurm, ``jobs/<cell>.json`` records each cell's array task and log, for ``--dry-run`` and failure records.
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import socket
+import subprocess
 import sys
 import time
 import traceback
@@ -44,6 +48,8 @@ SPEC_KEYS = ("backbone", "weights", "image_size", "preset")  # RunSpec fields a 
 GRID_KEYS = {"models", "datasets", "seeds", "categories", "overrides", "model", "slurm", "data_root"}
 SLURM_KEYS = {"gpus": 1, "cpus": 8, "mem_gb": 32, "time_min": 240, "partition": None, "array_parallelism": 64}
 EXECUTORS = ("local", "submitit-local", "slurm")
+ENDED = {"BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
+         "REVOKED", "TIMEOUT"}  # Slurm job states after which a job's processes are gone (sacct)
 
 
 @dataclass(frozen=True)
@@ -149,8 +155,57 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def slurm_job() -> dict[str, str]:
+    """The Slurm job (or array task, ``1234_5``) this process runs in, and its submitit log; {} outside Slurm."""
+    env = os.environ
+    if "SLURM_JOB_ID" not in env:
+        return {}
+    array = "SLURM_ARRAY_JOB_ID" in env and "SLURM_ARRAY_TASK_ID" in env
+    job = {"slurm_job": f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}" if array else env["SLURM_JOB_ID"]}
+    if "SUBMITIT_FOLDER" in env:
+        import submitit
+
+        job["log"] = str(submitit.JobEnvironment().paths.stdout)
+    return job
+
+
+def slurm_states(jobs: list[str]) -> dict[str, str]:
+    """Slurm state (``RUNNING``, ``PENDING``, ``CANCELLED``...) of each job or array task id, from ``sacct``.
+
+    A job missing from the answer (or every job, when sacct fails or there is no accounting) has no known state.
+    """
+    ids = sorted({job.split("_")[0] for job in jobs})
+    if not ids:
+        return {}
+    try:
+        out = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "JobID,State", "-j", ",".join(ids)], text=True,
+                             capture_output=True, timeout=60, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    states, pending = {}, {}
+    for line in out.splitlines():
+        job, _, state = line.partition("|")
+        states[job] = state.split(" ")[0]  # "CANCELLED by 0"
+        tasks = re.fullmatch(r"(\d+)_\[([\d,-]+)(%\d+)?\]", job)  # the tasks not started yet: 12_[0-5,7%2]
+        for part in tasks[2].split(",") if tasks else []:
+            first, _, last = part.partition("-")
+            pending.update({f"{tasks[1]}_{i}": states[job] for i in range(int(first), int(last or first) + 1)})
+    return {**pending, **states}  # a started task has its own line
+
+
+def _holder_gone(holder: dict[str, Any]) -> bool:
+    """Whether a lock's holder has ended: its Slurm job by the scheduler's state (from any node), else its process
+    on this host. A holder on another host without a job, or a job Slurm cannot tell about, counts as alive."""
+    job = holder.get("slurm_job")
+    if job:
+        if job == slurm_job().get("slurm_job"):
+            return True  # an earlier attempt of this very job (requeued after a node failure)
+        return slurm_states([job]).get(job) in ENDED
+    return holder.get("host") == socket.gethostname() and not _pid_alive(int(holder.get("pid", 0)))
+
+
 def _lock(results_dir: Path, cell: Cell) -> Path | None:
-    """Take the cell's lock file; None if another live sweep holds it (a dead holder's lock on this host is taken)."""
+    """Take the cell's lock file; None if a live sweep or job holds it (an ended holder's lock is taken over)."""
     folder = Path(results_dir) / "locks"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{cell.name}.{cell.key}.lock"
@@ -162,12 +217,12 @@ def _lock(results_dir: Path, cell: Cell) -> Path | None:
                 holder = json.loads(path.read_text())
             except (OSError, json.JSONDecodeError):
                 return None  # being written right now
-            if holder.get("host") == socket.gethostname() and not _pid_alive(int(holder.get("pid", 0))):
-                path.unlink(missing_ok=True)  # stale: its sweep died
+            if _holder_gone(holder):
+                path.unlink(missing_ok=True)  # stale: its sweep or job died
                 continue
             return None
         with os.fdopen(fd, "w") as fh:
-            json.dump({"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}, fh)
+            json.dump({"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(), **slurm_job()}, fh)
         return path
     return None
 
@@ -198,13 +253,16 @@ def run_cell(cell: Cell) -> dict[str, Any]:
         lock.unlink(missing_ok=True)
 
 
-def record_failure(cell: Cell, error: str, trace: str = "") -> dict[str, Any]:
-    """Write ``failures/<cell>.json`` atomically (removed when the cell later succeeds); returns the record."""
+def record_failure(cell: Cell, error: str, trace: str = "", job: dict[str, str] | None = None) -> dict[str, Any]:
+    """Write ``failures/<cell>.json`` atomically (removed when the cell later succeeds); returns the record.
+
+    ``job``: the Slurm task that ran the cell and its log (default: the job this process runs in, if any).
+    """
     failure = Path(cell.spec.results_dir) / "failures" / f"{cell.name}.{cell.key}.json"
     failure.parent.mkdir(parents=True, exist_ok=True)
     record = {"cell": cell.key, "name": cell.name, "status": "failed", "error": error, "traceback": trace[-4000:],
               "spec": _spec_dict(cell.spec), "host": socket.gethostname(),
-              "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+              "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **(slurm_job() if job is None else job)}
     tmp = failure.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(record, indent=2) + "\n")
     os.replace(tmp, failure)
@@ -307,15 +365,54 @@ def _run_submitit(cells: list[Cell], executor: str, slurm: dict[str, Any], on_re
     jobs = ex.map_array(run_cell, cells)
     print(f"submitted {len(jobs)} cells as job {jobs[0].job_id.split('_')[0]}; logs in {results_dir / 'logs'}",
           file=sys.stderr)
+    if executor == "slurm":
+        (results_dir / "jobs").mkdir(exist_ok=True)
+        for cell, job in zip(cells, jobs, strict=True):  # for --dry-run: which task runs which cell
+            info = {"slurm_job": job.job_id, "log": str(job.paths.stdout)}
+            (results_dir / "jobs" / f"{cell.name}.{cell.key}.json").write_text(json.dumps(info) + "\n")
     out = []
     for cell, job in zip(cells, jobs, strict=True):
         try:
             status = job.result()
-        except Exception as err:  # the job itself died (killed, out of memory, time limit)
+        except Exception as err:  # the job itself died (cancelled, out of memory, time limit)
             last = str(err).strip().splitlines()[-1] if str(err).strip() else repr(err)
-            status = record_failure(cell, f"job {job.job_id} died: {last}")
+            info = {"slurm_job": job.job_id, "log": str(job.paths.stdout)} if executor == "slurm" else {}
+            status = record_failure(cell, f"job {job.job_id} died: {last}", job=info)
         out.append(status)
         on_result(status)
+    return out
+
+
+def cell_states(cells: list[Cell]) -> dict[str, str]:
+    """cell key -> ``done``, ``todo``, or where the cell is: ``queued (job 12_3)``, ``running (job 12_3)`` on Slurm,
+    ``running (host:pid)`` in a sweep elsewhere."""
+    if not cells:
+        return {}
+    results_dir = Path(cells[0].spec.results_dir)
+    done, jobs, holders = done_cells(results_dir), {}, {}
+    for cell in cells:
+        for folder, kind in (("jobs", ".json"), ("locks", ".lock")):
+            try:
+                record = json.loads((results_dir / folder / f"{cell.name}.{cell.key}{kind}").read_text())
+            except (OSError, json.JSONDecodeError):
+                continue
+            (jobs if folder == "jobs" else holders)[cell.key] = record
+    states = slurm_states([r["slurm_job"] for r in [*jobs.values(), *holders.values()] if r.get("slurm_job")])
+    out = {}
+    for cell in cells:
+        holder = holders.get(cell.key)
+        job = (holder or jobs.get(cell.key) or {}).get("slurm_job")
+        state = states.get(job)
+        if cell.key in done:
+            out[cell.key] = "done"
+        elif state == "PENDING":
+            out[cell.key] = f"queued (job {job})"
+        elif job and state not in ENDED and (state or holder):  # a lock whose job Slurm cannot tell about counts
+            out[cell.key] = f"running (job {job})"
+        elif holder and not job and not _holder_gone(holder):
+            out[cell.key] = f"running ({holder.get('host')}:{holder.get('pid')})"
+        else:
+            out[cell.key] = "todo"
     return out
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +18,7 @@ from adbench import sweep as sweep_module
 from adbench.cli import app
 from adbench.errors import ConfigError, DatasetError, TrainingError
 from adbench.results import load_results
-from adbench.sweep import expand, load_failures, load_grid, run_cell, run_sweep
+from adbench.sweep import expand, load_failures, load_grid, run_cell, run_sweep, slurm_states
 
 TINY = """
 models = ["fastflow"]
@@ -149,7 +151,8 @@ def test_two_concurrent_sweeps_run_each_cell_once(tmp_path):
     procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]
     outs = [p.communicate(timeout=600) for p in procs]
-    assert all(p.returncode == 0 for p in procs), outs
+    # a sweep that found a cell running in the other one says so and exits 1 (it is not done)
+    assert all(p.returncode == 0 or "held by another sweep" in out[1] for p, out in zip(procs, outs, strict=True)), outs
     runs = sorted(p.name for p in (tmp_path / "res" / "runs").iterdir())
     assert len(runs) == 4 and not any("-" in name.rsplit("_s", 1)[1] for name in runs), runs  # no duplicate run
     # whatever one sweep found running elsewhere, the other finished: a third pass has nothing to do
@@ -179,3 +182,73 @@ def test_cell_keys_use_the_per_category_config_the_run_records(tmp_path):
         config = resolve_config(s.model, s.backbone, s.overrides, s.preset, dataset=s.dataset, category=s.category)
         assert cell.key == cell_key(s, config)
     assert resolve_config("clscnf", "resnet18", {}, dataset="synthetic", category="object").object_mask == "bright"
+
+
+def test_a_sweep_that_ends_with_busy_cells_exits_non_zero_and_lists_them(tmp_path, monkeypatch):
+    path = grid_file(tmp_path)
+    held, free = expand(load_grid(path), tmp_path / "res")
+    lock = tmp_path / "res" / "locks" / f"{held.name}.{held.key}.lock"
+    lock.parent.mkdir(parents=True)
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))  # a live sweep holds it
+    monkeypatch.setattr(runner_module, "run_one", lambda spec, progress=None: tmp_path / "run")
+    result = CliRunner().invoke(app, ["sweep", str(path), "--results-dir", str(tmp_path / "res")])
+    assert result.exit_code == 1, result.output
+    assert f"busy   {held.name}" in result.output and f"ran    {free.name}" in result.output
+    assert f"1 cell(s) not run, held by another sweep or Slurm job: {held.name}" in result.output
+    dry = CliRunner().invoke(app, ["sweep", str(path), "--results-dir", str(tmp_path / "res"), "--dry-run"])
+    assert f"running ({socket.gethostname()}:{os.getpid()})  {held.name}" in dry.output
+
+
+def test_a_lock_taken_in_a_slurm_job_expires_with_the_job_on_any_host(tmp_path, monkeypatch):
+    (cell, _) = expand(load_grid(grid_file(tmp_path)), tmp_path / "res")
+    lock = tmp_path / "res" / "locks" / f"{cell.name}.{cell.key}.lock"
+    lock.parent.mkdir(parents=True)
+    states = {}
+    monkeypatch.setattr(sweep_module, "slurm_states", lambda jobs: {j: states[j] for j in jobs if j in states})
+    for holder, state, taken in [
+        ({"host": "node7", "pid": 1}, None, False),  # another host, no job: cannot tell, so it holds
+        ({"host": "node7", "pid": 1, "slurm_job": "12_3"}, "RUNNING", False),
+        ({"host": "node7", "pid": 1, "slurm_job": "12_3"}, None, False),  # Slurm cannot say: it holds
+        ({"host": "node7", "pid": 1, "slurm_job": "12_3"}, "TIMEOUT", True),  # killed at its time limit
+        ({"host": "node7", "pid": 1, "slurm_job": "12_3"}, "OUT_OF_MEMORY", True),
+    ]:
+        states["12_3"] = state
+        lock.write_text(json.dumps(holder))
+        assert (sweep_module._lock(tmp_path / "res", cell) == lock) is taken, (holder, state)
+    # the same array task, requeued after a node failure, takes over its own earlier attempt's lock
+    lock.write_text(json.dumps({"host": "node7", "pid": 1, "slurm_job": "12_3"}))
+    states["12_3"] = "RUNNING"
+    monkeypatch.setenv("SLURM_JOB_ID", "40")
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "12")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
+    assert sweep_module._lock(tmp_path / "res", cell) == lock
+    assert json.loads(lock.read_text())["slurm_job"] == "12_3"
+
+
+def test_slurm_states_reads_sacct_including_pending_array_tasks(tmp_path, monkeypatch):
+    fake = tmp_path / "bin" / "sacct"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\necho \"$*\" > " + str(tmp_path / "args") + "\n"
+                    "printf '12_0|RUNNING\\n12_[0-3,5%%2]|PENDING\\n11|CANCELLED by 0\\n'\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    states = slurm_states(["12_0", "12_5", "11"])
+    assert (tmp_path / "args").read_text().split()[-2:] == ["-j", "11,12"]
+    assert states["12_0"] == "RUNNING" and states["12_3"] == states["12_5"] == "PENDING"
+    assert states["11"] == "CANCELLED" and "12_4" not in states
+    fake.unlink()
+    assert slurm_states(["12_0"]) == {}  # no sacct: no state known
+
+
+def test_cell_keys_and_results_know_their_code(tmp_path, monkeypatch):
+    from adbench.runner import code_version
+
+    fastflow = Path(runner_module.__file__).parents[1] / "models" / "fastflow.py"
+    code = code_version("fastflow")
+    assert code["detector"] == hashlib.sha256(fastflow.read_bytes()).hexdigest()[:16] and code["adbench"]
+    grid = load_grid(grid_file(tmp_path))
+    keys = [c.key for c in expand(grid, tmp_path / "res")]
+    monkeypatch.setattr(runner_module, "code_version", lambda model: {**code, "detector": "edited"})
+    assert not set(keys) & {c.key for c in expand(grid, tmp_path / "res")}  # an edited detector: cells are stale
+    monkeypatch.setattr(runner_module, "code_version", lambda model: {**code, "adbench": "9.9"})
+    assert not set(keys) & {c.key for c in expand(grid, tmp_path / "res")}
