@@ -46,10 +46,10 @@ install_packages() {
     fi
     say "installing ${missing[*]}"
     apt-get update -qq
-    # no init system here: policy-rc.d 101 keeps the packages from starting their own daemons
-    printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
+    local policy=/usr/sbin/policy-rc.d  # exit 101: the packages must not start their own daemons
+    [[ -e $policy ]] || { printf '#!/bin/sh\nexit 101\n' >$policy && chmod +x $policy && trap "rm -f $policy" EXIT; }
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-    rm -f /usr/sbin/policy-rc.d
+    say "installed in ${SECONDS}s"
 }
 
 write_configs() {
@@ -123,6 +123,7 @@ start_mariadb() {  # a private MariaDB on 127.0.0.1:$DB_PORT with a data dir und
 }
 
 node_idle() { [[ $(sinfo -h -n localhost -o %t) == idle ]]; }
+no_jobs() { [[ -z $(squeue -h -o %F) ]]; }
 
 start() {
     install_packages
@@ -130,8 +131,10 @@ start() {
         say "already running; export SLURM_CONF=$SLURM_CONF"; return 0
     fi
     stop  # whatever a half-dead earlier run left
+    if [[ -e $DIR && ! -e $DIR/.slurm_local ]]; then say "$DIR exists and was not made by this script"; return 1; fi
     rm -rf "$DIR"
     install -d -m 755 "$DIR" "$DIR/run" "$DIR/log" "$DIR/state" "$DIR/spool"
+    touch "$DIR/.slurm_local"
     trap 'say "start failed; stopping what was started"; stop' ERR
     write_configs
     start_munge
@@ -143,13 +146,13 @@ start() {
     slurmd -N localhost
     wait_for 60 "the node to be idle" node_idle
     trap - ERR
-    say "up: $(sinfo -h -o '%P %D %c CPUs %m MiB %t'); export SLURM_CONF=$SLURM_CONF"
+    say "up after ${SECONDS}s: $(sinfo -h -o '%P %D %c CPUs %m MiB %t'); export SLURM_CONF=$SLURM_CONF"
 }
 
 stop() {
     if ! gone slurmctld; then  # cancel the jobs first, so that no job step outlives slurmd
-        scancel --quiet $(squeue -h -o %i 2>/dev/null) 2>/dev/null || true
-        wait_for 20 "the jobs to end" test -z "$(squeue -h -o %i 2>/dev/null)" || true
+        no_jobs 2>/dev/null || scancel --quiet $(squeue -h -o %F | sort -u) || true
+        wait_for 20 "the jobs to end" no_jobs || true
     fi
     local name pid
     for name in "${DAEMONS[@]}"; do

@@ -91,8 +91,10 @@ def test_grid_runs_as_one_job_array_and_reports_like_a_local_sweep(tmp_path):
     done = sweep(grid, tmp_path / "slurm", "--executor", "slurm")
     assert done.returncode == 0, done.stdout
     assert "submitted 4 cells" in done.stdout and "4 cells: 4 ran" in done.stdout
-    tasks = sacct(array_job(done.stdout))
-    assert [t["JobID"] for t in tasks] == [f"{array_job(done.stdout)}_{i}" for i in range(4)]
+    job = array_job(done.stdout)  # the sweep ends on the tasks' results, maybe before a task's process has exited:
+    wait_until(lambda: {t["State"] for t in sacct(job, "JobID,State")} == {"COMPLETED"}, 30, "the tasks to end")
+    tasks = sacct(job)
+    assert [t["JobID"] for t in tasks] == [f"{job}_{i}" for i in range(4)]
     for task in tasks:  # the [slurm] table's resources, per cell
         assert (task["State"], task["Partition"], task["AllocCPUS"], task["ReqMem"], task["Timelimit"]) == (
             "COMPLETED", "debug", "1", "2G", "00:05:00")
