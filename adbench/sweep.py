@@ -389,19 +389,21 @@ def cell_states(cells: list[Cell]) -> dict[str, str]:
     if not cells:
         return {}
     results_dir = Path(cells[0].spec.results_dir)
-    done, jobs, holders = done_cells(results_dir), {}, {}
-    for cell in cells:
-        for folder, kind in (("jobs", ".json"), ("locks", ".lock")):
-            try:
-                record = json.loads((results_dir / folder / f"{cell.name}.{cell.key}{kind}").read_text())
-            except (OSError, json.JSONDecodeError):
-                continue
-            (jobs if folder == "jobs" else holders)[cell.key] = record
-    states = slurm_states([r["slurm_job"] for r in [*jobs.values(), *holders.values()] if r.get("slurm_job")])
+
+    def read(path: Path) -> dict[str, Any]:
+        try:
+            return json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return {}
+
+    done = done_cells(results_dir)
+    holders = {c.key: read(results_dir / "locks" / f"{c.name}.{c.key}.lock") for c in cells}  # running now
+    jobs = {c.key: read(results_dir / "jobs" / f"{c.name}.{c.key}.json") for c in cells}  # submitted to Slurm
+    states = slurm_states([r["slurm_job"] for r in [*holders.values(), *jobs.values()] if r.get("slurm_job")])
     out = {}
     for cell in cells:
-        holder = holders.get(cell.key)
-        job = (holder or jobs.get(cell.key) or {}).get("slurm_job")
+        holder = holders[cell.key]
+        job = (holder or jobs[cell.key]).get("slurm_job")
         state = states.get(job)
         if cell.key in done:
             out[cell.key] = "done"
