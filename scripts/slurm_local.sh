@@ -35,6 +35,12 @@ pid_of() {  # the PID in run/$1.pid if that process is alive, is that daemon and
 
 gone() { ! pid_of "$1" >/dev/null; }
 
+running() {  # every daemon alive, and slurmctld answering
+    local name
+    for name in "${DAEMONS[@]}"; do pid_of "$name" >/dev/null || return 1; done
+    sinfo -h >/dev/null 2>&1
+}
+
 install_packages() {
     local missing=()
     for pkg in "${PACKAGES[@]}"; do
@@ -127,8 +133,8 @@ no_jobs() { [[ -z $(squeue -h -o %F) ]]; }
 
 start() {
     install_packages
-    if node_idle 2>/dev/null && ! gone slurmd && ! gone slurmctld && ! gone slurmdbd; then
-        say "already running; export SLURM_CONF=$SLURM_CONF"; return 0
+    if running; then
+        say "already running; export SLURM_CONF=$SLURM_CONF"; return 0  # its jobs go on
     fi
     stop  # whatever a half-dead earlier run left
     if [[ -e $DIR && ! -e $DIR/.slurm_local ]]; then say "$DIR exists and was not made by this script"; return 1; fi
