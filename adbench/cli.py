@@ -232,8 +232,13 @@ def list_(what: Annotated[Listable, typer.Argument(help="What to list.")]) -> No
         from adbench.datasets import list_datasets as names
     else:
         from adbench.features import list_backbones as names
+    reference = set()
+    if what is Listable.models:
+        from adbench.results import is_reference
+
+        reference = {name for name in names() if is_reference(name)}
     for name in names():
-        print(name)
+        print(name + ("  (reference baseline, not a flow)" if name in reference else ""))
 
 
 @app.command()

@@ -1,6 +1,6 @@
 """Detectors, one file each, registered by name (installed as ``adbench.models``)."""
 
-from adbench.models import aeflow, cflow, clscnf, fastflow  # noqa: F401  (registers)
+from adbench.models import aeflow, cflow, clscnf, fastflow, padim, patchcore  # noqa: F401  (registers)
 from adbench.models._registry import (
     MODELS,
     Detector,

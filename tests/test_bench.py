@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -60,8 +62,10 @@ def test_epoch_sweep_is_one_adbench_run_evaluated_along_the_way(tmp_path):
     assert result["epochs"][-1]["image_auroc"] == result["metrics"]["image_auroc"]
     one = run_one(RunSpec(category="pattern", image_size=64, overrides={"epochs": 1}, results_dir=tmp_path / "one",
                           save_maps=False))
-    assert json.loads((one / "result.json").read_text())["metrics"] == {
-        k: v for k, v in result["epochs"][0].items() if k in result["metrics"]}
+    # to float rounding: this process runs torch on every core, the script's on one (OMP_NUM_THREADS=1), and the
+    # thread count changes the order of the maps' float sums (pixel metrics agreed to 2e-8 in CI)
+    assert json.loads((one / "result.json").read_text())["metrics"] == pytest.approx(
+        {k: v for k, v in result["epochs"][0].items() if k in result["metrics"]}, abs=1e-6)
 
 
 def test_scripts_hold_no_copy_of_the_run_pipeline():
