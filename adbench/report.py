@@ -143,6 +143,22 @@ def parts_table(frame: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["dataset", "detector", "part", *SHORT.values()])
 
 
+def validation_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """Runs made with ``--validation``: the metrics on their validation split (held-out training images, as they are
+    and with synthetic defects) and the held-out NLL per dimension, dataset means over seeds, per detector column."""
+    frame = latest_runs(frame)[0]
+    rows = []
+    for (dataset, column), runs in frame[frame.validation.map(bool)].groupby(["dataset", "column"], sort=True):
+        n_categories = frame[frame.dataset == dataset].category.nunique()
+        scored = runs.assign(nll=[v.get("heldout_nll_per_dim") for v in runs.validation],
+                             **{m: [v["metrics"].get(m) for v in runs.validation] for m in SHORT})
+        scored = scored.astype(dict.fromkeys([*SHORT, "nll"], float))
+        rows.append({"dataset": dataset, "detector": column,
+                     **{short: _mean_cell(scored, m, n_categories) for m, short in SHORT.items()},
+                     "held-out NLL / dim": _mean_cell(scored, "nll", n_categories, scale=1.0, digits=3)})
+    return pd.DataFrame(rows, columns=["dataset", "detector", *SHORT.values(), "held-out NLL / dim"])
+
+
 def _markdown(table: pd.DataFrame) -> str:
     return table.to_markdown(index=False, disable_numparse=True)
 
@@ -180,6 +196,12 @@ def report_with_figures(results_dir: Path, stem: str | None,
     left_out = f": {len(replaced)} older run(s) of a seed are left out (see Reruns)." if len(replaced) else "."
     intro = (f"{runs} from `{results_dir}` (`{made_by}`) over {_seeds(frame)}; values in %, mean ± std over seeds. "
              f"Only the newest run of each seed counts{left_out}")
+    if frame.code_named.any():
+        split = ", ".join(f"`{c}`" for c in column_order(frame[frame.code_named]))
+        intro += ("\n\nRuns of one setting made by different detector code are not averaged: their columns are "
+                  "split by `code` (the hash of the detector's source in result.json; `(absent)`: a run from before "
+                  f"adbench recorded it): {split}. `adbench sweep GRID --rerun-stale` reruns the cells whose newest "
+                  "run was made by other code than the current one (not those of unknown code).")
     parts = [f"# adbench report\n\n{intro}\n"]
     figures: dict[str, bytes] = {}
 
@@ -210,6 +232,13 @@ def report_with_figures(results_dir: Path, stem: str | None,
         parts.append("## Parts scored alone (%)\n\nDetectors that fuse several scores also record each part's "
                      "metrics (`parts` in result.json); `(detector)` is the fused score, as in the tables above.\n\n"
                      f"{_markdown(parts_found)}\n")
+    validated = validation_table(frame) if "validation" in frame else []
+    if len(validated):
+        parts.append("## Validation split (%)\n\nRuns made with `--validation F` hold out a fraction F of the training "
+                     "images and score them as they are and with one synthetic defect each (`adbench.validation`): "
+                     "what a setting is chosen on, never the test split. Held-out NLL: mean negative log-likelihood "
+                     "per dimension of the held-out normal features (lower = a better density).\n\n"
+                     f"{_markdown(validated)}\n")
     # timings are only compared on one machine: a table per device, the device most runs used first
     devices = frame.device.value_counts().sort_index().sort_values(ascending=False, kind="stable")
     for key, title in TIMINGS.items():

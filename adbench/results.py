@@ -26,30 +26,61 @@ def run_name(model: str, backbone: str, dataset: str, category: str, seed: int) 
 
 
 def setting_hash(result: dict) -> str:
-    """Short hash of what changes results besides the seed, dataset and category (config, preset, weights, size)."""
+    """Short hash of what changes results besides the seed, dataset and category (config, preset, weights, size,
+    geometry; squash, the geometry of every run before the option, is left out so their hashes stay as they were)."""
     keys = ("model", "backbone", "image_size", "weights", "preset", "config")
-    blob = json.dumps({k: result.get(k) for k in keys}, sort_keys=True, default=str)
+    geometry = run_geometry(result)
+    blob = json.dumps({k: result.get(k) for k in keys} | ({} if geometry == "squash" else {"geometry": geometry}),
+                      sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:6]
+
+
+def run_geometry(result: dict) -> str:
+    """A run's input geometry; ``squash`` for runs from before the option (they all squashed)."""
+    return result.get("geometry") or "squash"
 
 
 ABSENT = "(absent)"  # a settings field a run does not record (e.g. a config field added after it ran)
 
 
 def run_settings(result: dict) -> dict:
-    """What a run was set to besides its seed, dataset and category: backbone, image size, weights, preset, config."""
+    """What a run was set to besides its seed, dataset and category: backbone, image size, geometry, weights, preset,
+    config."""
     keys = ("backbone", "image_size", "weights", "preset")
-    return {**{k: result.get(k) for k in keys}, **(result.get("config") or {})}
+    return {**{k: result.get(k) for k in keys}, "geometry": run_geometry(result),
+            **({"validation": result["validation"]["fraction"]} if result.get("validation") else {}),
+            **_later_defaults(result.get("model")), **(result.get("config") or {})}
+
+
+def _later_defaults(model) -> dict:
+    """The defaults of config fields a detector added after runs were made (``KEY_SKIP_AT_DEFAULT``): what a run that
+    does not record them ran with."""
+    import dataclasses
+
+    from adbench.models import MODELS
+
+    if model not in MODELS:
+        return {}
+    config = MODELS.get(model).Config
+    later = getattr(config, "KEY_SKIP_AT_DEFAULT", ())
+    return {f.name: f.default for f in dataclasses.fields(config) if f.name in later}
 
 
 def _shown(value) -> str:
     return value if isinstance(value, str) else json.dumps(value, default=str)
 
 
-def column_labels(results: list[dict]) -> list[str]:
+def run_code(result: dict) -> str:
+    """The detector-code hash a run records (``code.detector``); ``(absent)`` for runs made before adbench kept it."""
+    return (result.get("code") or {}).get("detector") or ABSENT
+
+
+def column_labels(results: list[dict], named: list[dict] | None = None) -> list[str]:
     """Per run, its report column: the model name, plus the settings that set the model's runs apart.
 
     A field sets runs apart when it takes two values within one dataset/category (a field that only follows the
-    category, such as a per-category default, does not), e.g. ``clscnf (cls_encoder_lr=0.001)``. Reference
+    category, such as a per-category default, does not), e.g. ``clscnf (cls_encoder_lr=0.001)``. ``named``: per run,
+    more fields to name after those (``results_frame``: the detector code, where a column mixes code). Reference
     (non-flow) detectors get `` (reference)``.
     """
     settings = [run_settings(r) for r in results]
@@ -64,9 +95,10 @@ def column_labels(results: list[dict]) -> list[str]:
     differ = {m: sorted(f for f in fs if any(len(v) > 1 for k, v in values.items() if k[0] == m and k[3] == f))
               for m, fs in fields.items()}
     labels = []
-    for r, flat in zip(results, settings, strict=True):
+    for r, flat, more in zip(results, settings, named or [{}] * len(results), strict=True):
         model = str(r.get("model"))
-        shown = ", ".join(f"{f}={_shown(flat.get(f, ABSENT))}" for f in differ[r.get("model")])
+        shown = ", ".join([f"{f}={_shown(flat.get(f, ABSENT))}" for f in differ[r.get("model")]]
+                          + [f"{f}={_shown(v)}" for f, v in more.items()])
         labels.append(model + (f" ({shown})" if shown else "") + (" (reference)" if is_reference(model) else ""))
     return labels
 
@@ -183,16 +215,30 @@ def device_label(device: dict | None) -> str:
 
 
 def results_frame(results: list[dict]) -> pd.DataFrame:
-    """One row per run: identifying columns, its report ``column`` (``column_labels``), the five metrics, timings."""
+    """One row per run: identifying columns, its report ``column`` (``column_labels``), the five metrics, timings.
+
+    Runs of different detector code (``code``, ``run_code``) never share a column unnamed: a column whose newest runs
+    (``latest_runs``) mix code is split by it, the code named like a setting (``fastflow (code=1a2b3c4d5e6f)``;
+    ``code_named`` says so). Older runs do not split a column: a rerun by new code replaces a seed as any rerun does.
+    """
     rows = []
     for r, column in zip(results, column_labels(results), strict=True):
         row = {k: r.get(k) for k in ("model", "dataset", "category", "backbone", "image_size", "seed", "path")}
-        row.update(column=column, setting=setting_hash(r), device=device_label(r.get("device")),
-                   started=r.get("started") or "", run=Path(r.get("path") or "").name, parts=r.get("parts") or {})
+        row.update(column=column, setting=setting_hash(r), code=run_code(r), device=device_label(r.get("device")),
+                   started=r.get("started") or "", run=Path(r.get("path") or "").name, parts=r.get("parts") or {},
+                   validation=r.get("validation") or {})
         row.update({m: r.get("metrics", {}).get(m) for m in METRICS})
         row.update({f"timing_{k}": v for k, v in r.get("timing", {}).items()})
         rows.append(row)
-    return pd.DataFrame(rows)
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        return frame
+    codes = latest_runs(frame)[0].groupby("column").code.nunique()
+    mixed = frame.column.isin(codes[codes > 1].index)
+    if mixed.any():
+        named = column_labels(results, [{"code": code} for code in frame.code])
+        frame["column"] = frame.column.where(~mixed, pd.Series(named, index=frame.index))
+    return frame.assign(code_named=mixed)
 
 
 def _rerun_number(run: str) -> int:

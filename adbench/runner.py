@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import ast
 import ctypes
 import dataclasses
+import functools
 import hashlib
+import inspect
 import io
 import json
 import os
 import platform
 import random
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -25,12 +29,13 @@ import pandas as pd
 import torch
 
 from adbench import metrics as M
-from adbench.datasets import AnomalyDataset, open_family
+from adbench.datasets import AnomalyDataset, check_geometry, open_family, to_eval_view
 from adbench.errors import ConfigError, TrainingError
 from adbench.features import cache_key, create_extractor, extract_features
 from adbench.models import create_model, resolve_config
 from adbench.progress import NULL_PROGRESS, Progress
 from adbench.results import check_writable, finite_or_none, mark_cell, run_name, write_run
+from adbench.validation import carve, validate
 
 
 @dataclass(frozen=True)
@@ -45,6 +50,7 @@ class RunSpec:
     backbone: str = "tf_efficientnet_lite0"
     weights: str | None = None  # None: offline package or timm download; "random"; or a file
     image_size: int = 256
+    geometry: str = "squash"  # how images become image_size² (datasets.GEOMETRIES): squash, or pad (aspect kept)
     seed: int = 0
     device: str = "auto"
     results_dir: Path = Path("results")
@@ -53,34 +59,123 @@ class RunSpec:
     cache_dir: Path | None = None  # persistent feature cache
     workers: int = 2  # image decoding threads
     save_maps: bool | None = None  # write maps.png, roc.png, pro.png; None: when the test split is small (below)
+    validation: float = 0.0  # hold out this fraction of the training images as a synthetic-defect validation split
+
+    def __post_init__(self) -> None:
+        check_geometry(self.geometry)  # a typo fails before any work (a sweep checks every cell up front)
 
 
+GEOMETRY_PROTOCOL = {  # result ``protocol.geometry``: what the detector saw, and how its maps were evaluated
+    "squash": "images resized to the square whatever their aspect ratio",
+    "pad": "detector input: aspect ratio kept (longer side = image size), reflect-padded to the square; each anomaly "
+           "map cropped to its image's box and resized bilinearly to the square, so pixel metrics use the squashed "
+           "masks and pixels, as squash does; image scores are the detector's own, over its whole padded input",
+}
 SAVE_MAPS_MAX_TEST = 300  # default of ``save_maps``: draw the figures when the test split has at most this many images
 
 
-def code_version(model: str) -> dict[str, str | None]:
-    """adbench's version and the sha256 (16 hex digits) of the detector's file, recorded in every result as ``code``."""
-    import inspect
+# A detector's code = its file plus the files of models/ it imports, followed transitively (clscnf -> cflow.py,
+# padim and patchcore -> _maps.py). models/_registry.py is left out although every detector imports it: it holds the
+# contract and the config resolution, whose effect on a run is the config the run records (part of the cell key);
+# hashing it would make any edit there mark every cell of every detector stale.
+UNHASHED = frozenset({"_registry.py", "__init__.py"})
 
+
+@functools.cache
+def detector_code(model: str) -> tuple[str, tuple[str, ...]]:
+    """The sha256 (12 hex digits) of a detector's code, and the names of the files hashed (see ``UNHASHED``).
+
+    Computed once per process: the code this process runs, not later edits of the files.
+    """
     from adbench.models import MODELS
 
-    source = Path(inspect.getfile(MODELS.get(model))).read_bytes()
+    first = Path(inspect.getfile(MODELS.get(model)))
+    sources: dict[str, bytes] = {}
+    todo = [first.name]
+    while todo:
+        name = todo.pop()
+        if name in sources or name in UNHASHED or not (first.parent / name).is_file():
+            continue
+        sources[name] = (first.parent / name).read_bytes()
+        for node in ast.walk(ast.parse(sources[name])):
+            if not isinstance(node, ast.ImportFrom):
+                continue
+            module = node.module or ""
+            if module.startswith("adbench.models."):  # from adbench.models._maps import upsample_blur
+                todo.append(module.split(".")[2] + ".py")
+            elif module == "adbench.models" or (node.level and not module):  # from adbench.models import cflow
+                todo += [f"{alias.name}.py" for alias in node.names]  # (names that are no file are skipped)
+            elif node.level:  # from ._maps import upsample_blur
+                todo.append(module.split(".")[0] + ".py")
+    digest = hashlib.sha256()
+    for name in sorted(sources):
+        digest.update(f"{name}\0{len(sources[name])}\0".encode() + sources[name])
+    return digest.hexdigest()[:12], tuple(sorted(sources))
+
+
+@functools.cache
+def git_state(*folders: Path) -> dict[str, str | bool | None]:
+    """The git commit of the checkout holding ``folders`` and whether their tracked files differ from it (``dirty``).
+
+    Both None where that cannot be told: not a git checkout (an installed package, a copy inside an ignored virtualenv),
+    no git, or git failing. Never raises. Computed once per process.
+    """
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "--no-optional-locks", "-C", str(folders[0]), *args], capture_output=True,
+                              text=True, timeout=10, check=True).stdout.strip()
+
+    try:
+        if not git("ls-files", "--", *map(str, folders)):  # untracked or ignored here: not this checkout's code
+            return {"git": None, "dirty": None}
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no", "--", *map(str, folders)))
+    except (OSError, subprocess.SubprocessError):
+        return {"git": None, "dirty": None}
+    return {"git": commit, "dirty": dirty}
+
+
+def code_version(model: str) -> dict[str, Any]:
+    """What code made a run, recorded in every result as ``code``: adbench's version, the detector's code hash and
+    its files (``detector_code``), and the git commit of adbench's checkout with ``dirty`` (its code under adbench/,
+    models/ and datasets/ differs from the commit; both None outside a git checkout)."""
+    import adbench.datasets
+    import adbench.models
+
     try:
         version = metadata.version("adbench")
     except metadata.PackageNotFoundError:
         version = None
-    return {"adbench": version, "detector": hashlib.sha256(source).hexdigest()[:16]}
+    detector, files = detector_code(model)
+    code_dirs = (Path(__file__).parent, Path(adbench.models.__file__).parent, Path(adbench.datasets.__file__).parent)
+    return {"adbench": version, "detector": detector, "files": list(files), **git_state(*code_dirs)}
 
 
 def cell_key(spec: RunSpec, config) -> str:
     """Hash of everything that determines a run's result, recorded as ``cell`` (sweeps skip cells already run).
 
-    The code is part of it (``code_version``): after a release or an edit of the detector's file, cells run again.
+    The code is not part of it: a cell whose run was made by other detector code (``detector_code``, recorded in the
+    result's ``code``) is the same cell, *stale*; a sweep lists it and reruns it with ``--rerun-stale`` only.
     """
     parts = {"model": spec.model, "dataset": spec.dataset, "category": spec.category, "seed": spec.seed,
              "backbone": spec.backbone, "weights": spec.weights, "image_size": spec.image_size,
-             "preset": spec.preset, "config": dataclasses.asdict(config), "code": code_version(spec.model)}
+             "preset": spec.preset, "config": _config_part(config), **_geometry_part(spec),
+             **({"validation": spec.validation} if spec.validation else {})}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _config_part(config) -> dict[str, Any]:
+    """The config as a key part, less the fields its class lists in ``KEY_SKIP_AT_DEFAULT`` while they are at their
+    default: options added after runs were made, so those runs' keys stay valid (a later change of a default edits
+    the detector's file, which makes its cells stale)."""
+    skip = {f.name for f in dataclasses.fields(config)
+            if f.name in getattr(config, "KEY_SKIP_AT_DEFAULT", ()) and getattr(config, f.name) == f.default}
+    return {k: v for k, v in dataclasses.asdict(config).items() if k not in skip}
+
+
+def _geometry_part(spec: RunSpec) -> dict[str, str]:
+    """The geometry as a key part; squash, the only geometry before the option, is left out so keys made before it
+    (cells, feature caches) stay valid."""
+    return {} if spec.geometry == "squash" else {"geometry": spec.geometry}
 
 
 def seed_everything(seed: int) -> None:
@@ -184,14 +279,18 @@ def run_one(spec: RunSpec, progress: Progress = NULL_PROGRESS, *, eval_epochs: S
     config = resolve_config(spec.model, spec.backbone, spec.overrides, spec.preset, dataset=spec.dataset,
                             category=spec.category)
     family = open_family(spec.dataset, spec.data_root, spec.root)
-    train = AnomalyDataset(family, spec.category, "train", spec.image_size)
-    test = AnomalyDataset(family, spec.category, "test", spec.image_size)
+    train = AnomalyDataset(family, spec.category, "train", spec.image_size, spec.geometry)
+    test = AnomalyDataset(family, spec.category, "test", spec.image_size, spec.geometry)
+    held = None
+    if spec.validation:  # settings are chosen on this, never on the test split (adbench.validation)
+        train, held = carve(train, spec.validation)
     seed_everything(spec.seed)
     extractor = create_extractor(spec.backbone, config.layers, spec.weights).to(device)
     key = None
     if spec.cache_dir is not None:  # only a persistent cache needs a key (it stats every training file)
         key = cache_key(backbone=spec.backbone, weights=extractor.weights_source, layers=config.layers,
-                        size=spec.image_size, dataset=spec.dataset, device=device.type, files=_fingerprint(train))
+                        size=spec.image_size, dataset=spec.dataset, device=device.type, files=_fingerprint(train),
+                        **_geometry_part(spec))
     t0 = time.perf_counter()
     store, backbone_s = extract_features(extractor, train, batch_size=config.batch_size, device=device,
                                          cache_dir=spec.cache_dir, key=key, progress=progress)
@@ -211,7 +310,8 @@ def run_one(spec: RunSpec, progress: Progress = NULL_PROGRESS, *, eval_epochs: S
             start = time.perf_counter()
             detector.calibrate(store)  # e.g. CFLOW's training-set maxima, which fit computes at its end
             fit_so_far, modes = time.perf_counter() - t0 - paused, {m: m.training for m in detector.modules()}
-            got, got_maps, seconds, _ = predict_all(detector, samples["image"], config.batch_size, device, progress)
+            got, got_maps, seconds, _ = predict_all(detector, samples["image"], config.batch_size, device, progress,
+                                                    boxes=samples["box"])
             for module, mode in modes.items():
                 module.train(mode)
             epoch_rows.append({"epoch": epoch, **M.compute_metrics(got, samples["label"], got_maps, samples["mask"]),
@@ -226,10 +326,17 @@ def run_one(spec: RunSpec, progress: Progress = NULL_PROGRESS, *, eval_epochs: S
     finally:
         store.close()
     warm_up(detector, samples["image"], config.batch_size, device)
-    scores, maps, predict_s, parts = predict_all(detector, samples["image"], config.batch_size, device, progress)
+    scores, maps, predict_s, parts = predict_all(detector, samples["image"], config.batch_size, device, progress,
+                                                 boxes=samples["box"])
     if not (np.isfinite(scores).all() and np.isfinite(maps).all()):
         raise TrainingError(f"{spec.model} produced NaN/inf anomaly scores on {spec.dataset}/{spec.category}; "
                             "no result written")
+    validation = None
+    if held is not None:
+        progress.log("validating on held-out training images with synthetic defects")
+        validation = validate(detector, load_split(held, config.batch_size, spec.workers, progress), predict_all,
+                              config.batch_size, device, progress)
+        validation["fraction"] = spec.validation
     progress.log("computing metrics")
     metrics = M.compute_metrics(scores, samples["label"], maps, samples["mask"])
     part_metrics = {name: M.compute_metrics(s, samples["label"], m, samples["mask"] if m is not None else None)
@@ -242,7 +349,9 @@ def run_one(spec: RunSpec, progress: Progress = NULL_PROGRESS, *, eval_epochs: S
         try:  # after the metrics (which it cannot change), before the folder is written (all files or none)
             from adbench.plots import run_figures
 
-            figures = run_figures(images=samples["image"], masks=samples["mask"], labels=samples["label"],
+            shown = samples["image"] if spec.geometry == "squash" else to_eval_view(samples["image"].numpy(),
+                                                                                    samples["box"])
+            figures = run_figures(images=shown, masks=samples["mask"], labels=samples["label"],
                                   defects=samples["defect"], paths=samples["path"], scores=scores, maps=maps,
                                   model=spec.model, title=f"{spec.model} on {spec.dataset}/{spec.category}")
         except Exception as err:  # pictures never cost a finished run: it is written without them, and says why
@@ -250,10 +359,12 @@ def run_one(spec: RunSpec, progress: Progress = NULL_PROGRESS, *, eval_epochs: S
             progress.log(f"warning: figures not drawn ({figures_error}); writing the run without them")
     result = {
         "model": spec.model, "dataset": spec.dataset, "category": spec.category, "backbone": spec.backbone,
-        "weights": extractor.weights_source, "image_size": spec.image_size, "seed": spec.seed, "preset": spec.preset,
+        "weights": extractor.weights_source, "image_size": spec.image_size, "geometry": spec.geometry,
+        "seed": spec.seed, "preset": spec.preset,
         "config": dataclasses.asdict(config),
         "metrics": metrics,
         **({"parts": part_metrics} if part_metrics else {}),
+        **({"validation": validation} if validation else {}),
         **({"epochs": epoch_rows} if eval_epochs else {}),
         **({"measured": measured} if measured is not None else {}),
         "timing": {
@@ -269,6 +380,7 @@ def run_one(spec: RunSpec, progress: Progress = NULL_PROGRESS, *, eval_epochs: S
         "protocol": {
             "checkpoint": "last epoch (no model selection on the test set)",
             "eval_resolution": f"{spec.image_size}x{spec.image_size} (images bilinear, masks nearest)",
+            "geometry": GEOMETRY_PROTOCOL[spec.geometry],
             "mask_binarisation": f"> {family.mask_threshold} after resizing",
             "aupr": "average precision (step-wise)", "aupro": "exact MVTec AD definition, FPR limit 0.3",
             **detector.protocol(),
@@ -346,7 +458,7 @@ def _fingerprint(dataset: AnomalyDataset) -> list:
 
 def load_split(dataset: AnomalyDataset, batch_size: int, workers: int, progress: Progress) -> dict[str, Any]:
     """Decode a whole split once (uint8 images, in index order), so timing the detector measures the detector."""
-    images, masks, labels, defects, paths = [], [], [], [], []
+    images, masks, labels, defects, paths, boxes = [], [], [], [], [], []
     with progress.task(f"load {dataset.family.name}/{dataset.category} {dataset.split}", total=len(dataset)) as advance:
         for batch in dataset.batches(batch_size, workers):
             for s in batch:
@@ -355,15 +467,18 @@ def load_split(dataset: AnomalyDataset, batch_size: int, workers: int, progress:
                 labels.append(s.label)
                 defects.append(s.defect)
                 paths.append(s.path)
+                boxes.append(s.box)
             advance(len(batch))
     return {"image": torch.stack(images), "mask": torch.stack(masks).numpy(), "label": np.array(labels),
-            "defect": defects, "path": paths}
+            "defect": defects, "path": paths, "box": np.array(boxes, dtype=np.int64)}
 
 
-def predict_all(detector, images: torch.Tensor, batch_size: int, device: torch.device, progress: Progress):
+def predict_all(detector, images: torch.Tensor, batch_size: int, device: torch.device, progress: Progress,
+                boxes: np.ndarray | None = None):
     """Scores [N], maps [N,S,S], the seconds the detector took (transfer + backbone + head) and the parts.
 
-    Parts (``Prediction.parts``) come back as name -> (scores [N], maps [N,S,S] or None).
+    Parts (``Prediction.parts``) come back as name -> (scores [N], maps [N,S,S] or None). With ``boxes`` [N, 4]
+    (``load_split``'s, for a padded geometry) every map is brought to the evaluation view (``to_eval_view``), untimed.
     """
     scores, maps, seconds, parts = [], [], 0.0, {}
     detector.eval()
@@ -386,5 +501,8 @@ def predict_all(detector, images: torch.Tensor, batch_size: int, device: torch.d
     scores, maps = detector.finalize(np.concatenate(scores), np.concatenate(maps))
     seconds += time.perf_counter() - t0
     parts = {name: (np.concatenate(s), np.concatenate(m) if m else None) for name, (s, m) in parts.items()}
+    if boxes is not None:
+        maps = to_eval_view(maps, boxes)
+        parts = {name: (s, None if m is None else to_eval_view(m, boxes)) for name, (s, m) in parts.items()}
     return scores, maps, seconds, parts
 

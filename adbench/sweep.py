@@ -6,11 +6,13 @@ A grid file::
     datasets = ["mtd"]
     seeds = [0, 1, 2]
     # categories = ["mtd"]            # optional: a list, or a table {mvtec = ["bottle"]}; default all
-    [overrides]                       # every cell: image_size, backbone, weights, preset or any config field
+    [overrides]                       # every cell: image_size, geometry, backbone, weights, preset or any config field
     epochs = 1
     image_size = 64
     [model.cflow]                     # one model's settings (override [overrides])
     backbone = "wide_resnet50_2"
+    [vary]                            # optional: every combination of these values, for every model (ablations)
+    position_norm = ["none", "gaussian"]
     [slurm]                           # resources per cell for --executor slurm / submitit-local
     gpus = 1
     cpus = 8
@@ -18,15 +20,19 @@ A grid file::
     time_min = 240
 
 A cell whose result already exists with the same settings (``result.json`` field ``cell``) is skipped, so an
-interrupted sweep resumes where it stopped. A failing cell leaves ``failures/<cell>.json`` with its error and the
-others go on. A lock file per cell (``locks/``) keeps two sweeps on one results folder from running a cell twice; a
-lock taken inside a Slurm job expires when that job ends (killed, cancelled, timed out), whichever node it ran on.
+interrupted sweep resumes where it stopped. The code is not in a cell's key: a cell whose newest run records another
+detector-code hash (``code.detector``, ``runner.detector_code``) is *stale*, listed and kept unless the sweep is told
+``rerun_stale``; a run that records no code (made before adbench recorded it) is of unknown code and counts as done.
+A failing cell leaves ``failures/<cell>.json`` with its error and the others go on. A lock file per cell
+(``locks/``) keeps two sweeps on one results folder from running a cell twice; a lock taken inside a Slurm job
+expires when that job ends (killed, cancelled, timed out), whichever node it ran on.
 On Slurm, ``jobs/<cell>.json`` records each cell's array task and log, for ``--dry-run`` and failure records.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import re
@@ -42,10 +48,11 @@ from typing import Any
 import tomllib
 
 from adbench.errors import AdbenchError, ConfigError, DatasetError
-from adbench.results import cell_run, load_results, run_name
+from adbench.results import _rerun_number, cell_run, load_results, run_name
 
-SPEC_KEYS = ("backbone", "weights", "image_size", "preset")  # RunSpec fields a grid may set; the rest is config
-GRID_KEYS = {"models", "datasets", "seeds", "categories", "overrides", "model", "slurm", "data_root"}
+# RunSpec fields a grid may set (the rest is config)
+SPEC_KEYS = ("backbone", "weights", "image_size", "geometry", "preset", "validation")
+GRID_KEYS = {"models", "datasets", "seeds", "categories", "overrides", "model", "slurm", "data_root", "vary"}
 SLURM_KEYS = {"gpus": 1, "cpus": 8, "mem_gb": 32, "time_min": 240, "partition": None, "array_parallelism": 64}
 EXECUTORS = ("local", "submitit-local", "slurm")
 ENDED = {"BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
@@ -58,6 +65,8 @@ class Cell:
 
     spec: Any  # adbench.runner.RunSpec
     key: str
+    code: str | None = None  # the detector-code hash its run records now (runner.detector_code); None: not compared
+    replace: str | None = None  # the run folder of a stale run of this cell that is to be rerun (rerun_stale)
 
     @property
     def name(self) -> str:
@@ -67,7 +76,9 @@ class Cell:
     def settings(self) -> str:
         s = self.spec
         sets = " ".join(f"{k}={v}" for k, v in sorted(s.overrides.items()))
-        return f"{s.backbone}@{s.image_size} weights={s.weights or 'imagenet'} preset={s.preset or '-'} {sets}".strip()
+        size = f"{s.image_size}" + ("" if s.geometry == "squash" else f" geometry={s.geometry}")
+        size += f" validation={s.validation}" if s.validation else ""
+        return f"{s.backbone}@{size} weights={s.weights or 'imagenet'} preset={s.preset or '-'} {sets}".strip()
 
 
 def load_grid(path: Path) -> dict[str, Any]:
@@ -88,6 +99,9 @@ def load_grid(path: Path) -> dict[str, Any]:
     grid.setdefault("seeds", [0])
     if not all(isinstance(s, int) and s >= 0 for s in grid["seeds"]):
         raise ConfigError(f"{path}: 'seeds' must be a list of non-negative integers")
+    for key, values in grid.get("vary", {}).items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{path}: [vary] {key} must be a non-empty list of values")
     bad = set(grid.get("slurm", {})) - set(SLURM_KEYS)
     if bad:
         raise ConfigError(f"unknown [slurm] key(s) in {path}: {', '.join(sorted(bad))}; valid: {', '.join(SLURM_KEYS)}")
@@ -102,7 +116,7 @@ def expand(grid: dict[str, Any], results_dir: Path, data_root: Path | None = Non
     """
     from adbench.datasets import DATASETS, open_family
     from adbench.models import resolve_config
-    from adbench.runner import RunSpec, cell_key
+    from adbench.runner import RunSpec, cell_key, detector_code
 
     data_root = data_root or (Path(grid["data_root"]) if "data_root" in grid else None)
     categories, missing = {}, []
@@ -124,8 +138,10 @@ def expand(grid: dict[str, Any], results_dir: Path, data_root: Path | None = Non
     if missing:
         raise DatasetError("; ".join(missing))
     cells = []
-    for model in grid["models"]:
-        settings = {**grid.get("overrides", {}), **grid.get("model", {}).get(model, {})}
+    vary = grid.get("vary", {})
+    for model, combo in itertools.product(grid["models"], itertools.product(*vary.values())):
+        settings = {**grid.get("overrides", {}), **grid.get("model", {}).get(model, {}),
+                    **dict(zip(vary, combo, strict=True))}
         spec_fields = {k: settings.pop(k) for k in SPEC_KEYS if k in settings}
         base = RunSpec(model=model, results_dir=Path(results_dir), data_root=data_root, overrides=settings,
                        **spec_fields)
@@ -136,13 +152,25 @@ def expand(grid: dict[str, Any], results_dir: Path, data_root: Path | None = Non
                                         category=category)
                 for seed in grid["seeds"]:
                     spec = dataclasses.replace(base, dataset=dataset, category=category, seed=seed)
-                    cells.append(Cell(spec, cell_key(spec, config)))
+                    cells.append(Cell(spec, cell_key(spec, config), detector_code(model)[0]))
     return cells
 
 
-def done_cells(results_dir: Path) -> dict[str, str]:
-    """cell key -> run folder of every finished run under ``results_dir``."""
-    return {r["cell"]: r["path"] for r in load_results(results_dir) if r.get("cell")}
+def done_runs(results_dir: Path) -> dict[str, dict[str, Any]]:
+    """cell key -> the newest finished run of the cell under ``results_dir`` (its result.json, with ``path``)."""
+    def age(r: dict[str, Any]) -> tuple:
+        return r.get("started") or "", _rerun_number(Path(r["path"]).name)  # as the report's latest_runs
+
+    return {r["cell"]: r for r in sorted(load_results(results_dir), key=age) if r.get("cell")}
+
+
+def code_state(cell: Cell, run: dict[str, Any]) -> str:
+    """Whether a cell's finished ``run`` is ``done`` (same detector code), of ``unknown`` code (it records none:
+    made before adbench recorded it; kept, as done) or ``stale`` (other detector code)."""
+    made_by = (run.get("code") or {}).get("detector")
+    if made_by is None:
+        return "unknown"
+    return "done" if cell.code is None or made_by == cell.code else "stale"
 
 
 def _pid_alive(pid: int) -> bool:
@@ -233,7 +261,7 @@ def run_cell(cell: Cell) -> dict[str, Any]:
 
     results_dir = cell.spec.results_dir
     status = {"cell": cell.key, "name": cell.name}
-    done = cell_run(results_dir, cell.key)  # the index, not a scan of every result (run_sweep scanned once)
+    done = _finished(cell)  # the index, not a scan of every result (run_sweep scanned once)
     if done is not None:
         return {**status, "status": "done", "path": str(done)}
     lock = _lock(results_dir, cell)
@@ -241,7 +269,7 @@ def run_cell(cell: Cell) -> dict[str, Any]:
         return {**status, "status": "busy"}
     failure = Path(results_dir) / "failures" / f"{cell.name}.{cell.key}.json"
     try:
-        if cell_run(results_dir, cell.key) is not None:  # finished by another sweep between our check and the lock
+        if _finished(cell) is not None:  # finished by another sweep between our check and the lock
             return {**status, "status": "done"}
         path = run_one(cell.spec)
         failure.unlink(missing_ok=True)
@@ -251,6 +279,12 @@ def run_cell(cell: Cell) -> dict[str, Any]:
         return record_failure(cell, message, traceback.format_exc())
     finally:
         lock.unlink(missing_ok=True)
+
+
+def _finished(cell: Cell) -> Path | None:
+    """The cell's run from the index (``cells/<key>``), unless it is the stale run this cell is to replace."""
+    done = cell_run(cell.spec.results_dir, cell.key)
+    return done if done is not None and done.name != cell.replace else None
 
 
 def record_failure(cell: Cell, error: str, trace: str = "", job: dict[str, str] | None = None) -> dict[str, Any]:
@@ -290,12 +324,13 @@ def _local_gpu_worker(queue) -> None:  # process-pool initializer: pin this work
 
 def _run_on_worker_device(cell: Cell) -> dict[str, Any]:
     device = os.environ.get("ADBENCH_SWEEP_DEVICE", cell.spec.device)
-    return run_cell(Cell(dataclasses.replace(cell.spec, device=device), cell.key))
+    return run_cell(dataclasses.replace(cell, spec=dataclasses.replace(cell.spec, device=device)))
 
 
 def run_sweep(cells: list[Cell], executor: str = "local", slurm: dict[str, Any] | None = None,
-              on_result=None) -> list[dict[str, Any]]:
-    """Run the cells that are not done; returns one status dict per cell, in cell order (done, ran, failed, busy).
+              on_result=None, rerun_stale: bool = False) -> list[dict[str, Any]]:
+    """Run the cells that are not done; returns one status dict per cell, in cell order (done, ran, failed, busy, or
+    stale: kept, with ``code`` (the hash its run records) and ``now``; ``rerun_stale`` reruns those instead).
 
     ``local`` runs them one after another in this process (Ctrl-C stops cleanly: the current cell is not written,
     finished ones are kept), or one per GPU in worker processes when several GPUs are visible. ``submitit-local`` and
@@ -305,13 +340,20 @@ def run_sweep(cells: list[Cell], executor: str = "local", slurm: dict[str, Any] 
         raise ConfigError(f"unknown executor {executor!r}; valid: {', '.join(EXECUTORS)}")
     on_result = on_result or (lambda status: None)
     statuses, todo = [], []
-    done = done_cells(cells[0].spec.results_dir) if cells else {}
+    done = done_runs(cells[0].spec.results_dir) if cells else {}
     for cell in cells:
-        if cell.key in done:
-            statuses.append({"cell": cell.key, "name": cell.name, "status": "done", "path": done[cell.key]})
-            on_result(statuses[-1])
-        else:
+        run = done.get(cell.key)
+        state = code_state(cell, run) if run else "todo"
+        if state == "todo":
             todo.append(cell)
+        elif state == "stale" and rerun_stale:
+            todo.append(dataclasses.replace(cell, replace=Path(run["path"]).name))
+        else:
+            status = {"cell": cell.key, "name": cell.name, "status": "done", "path": run["path"]}
+            if state == "stale":  # kept
+                status.update(status="stale", code=run["code"]["detector"], now=cell.code)
+            statuses.append(status)
+            on_result(status)
     if executor == "local":
         statuses += _run_local(todo, on_result) if todo else []
     elif todo:
@@ -384,8 +426,8 @@ def _run_submitit(cells: list[Cell], executor: str, slurm: dict[str, Any], on_re
 
 
 def cell_states(cells: list[Cell]) -> dict[str, str]:
-    """cell key -> ``done``, ``todo``, or where the cell is: ``queued (job 12_3)``, ``running (job 12_3)`` on Slurm,
-    ``running (host:pid)`` in a sweep elsewhere."""
+    """cell key -> ``done``, ``done (unknown code)``, ``stale (code <its run's>, now <current>)``, ``todo``, or where
+    the cell is: ``queued (job 12_3)``, ``running (job 12_3)`` on Slurm, ``running (host:pid)`` in a sweep elsewhere."""
     if not cells:
         return {}
     results_dir = Path(cells[0].spec.results_dir)
@@ -396,7 +438,7 @@ def cell_states(cells: list[Cell]) -> dict[str, str]:
         except (OSError, json.JSONDecodeError):
             return {}
 
-    done = done_cells(results_dir)
+    done = done_runs(results_dir)
     holders = {c.key: read(results_dir / "locks" / f"{c.name}.{c.key}.lock") for c in cells}  # running now
     jobs = {c.key: read(results_dir / "jobs" / f"{c.name}.{c.key}.json") for c in cells}  # submitted to Slurm
     states = slurm_states([r["slurm_job"] for r in [*holders.values(), *jobs.values()] if r.get("slurm_job")])
@@ -405,8 +447,10 @@ def cell_states(cells: list[Cell]) -> dict[str, str]:
         holder = holders[cell.key]
         job = (holder or jobs[cell.key]).get("slurm_job")
         state = states.get(job)
-        if cell.key in done:
-            out[cell.key] = "done"
+        run = done.get(cell.key)
+        made_by = code_state(cell, run) if run else "todo"
+        if made_by in ("done", "unknown"):
+            out[cell.key] = "done" if made_by == "done" else "done (unknown code)"
         elif state == "PENDING":
             out[cell.key] = f"queued (job {job})"
         elif job and state not in ENDED and (state or holder):  # a lock whose job Slurm cannot tell about counts
@@ -414,7 +458,7 @@ def cell_states(cells: list[Cell]) -> dict[str, str]:
         elif holder and not job and not _holder_gone(holder):
             out[cell.key] = f"running ({holder.get('host')}:{holder.get('pid')})"
         else:
-            out[cell.key] = "todo"
+            out[cell.key] = f"stale (code {run['code']['detector']}, now {cell.code})" if made_by == "stale" else "todo"
     return out
 
 

@@ -3,16 +3,19 @@
 from adbench.datasets import btad, mtd, mvtec, synthetic  # noqa: F401  (registers)
 from adbench.datasets._base import (
     DATASETS,
+    GEOMETRIES,
     AnomalyDataset,
     DatasetFamily,
     Sample,
+    check_geometry,
     default_data_root,
     list_datasets,
     open_family,
     register_dataset,
+    to_eval_view,
 )
 
 __all__ = [
-    "DATASETS", "AnomalyDataset", "DatasetFamily", "Sample", "default_data_root", "list_datasets", "open_family",
-    "register_dataset",
+    "DATASETS", "GEOMETRIES", "AnomalyDataset", "DatasetFamily", "Sample", "check_geometry", "default_data_root",
+    "list_datasets", "open_family", "register_dataset", "to_eval_view",
 ]  # fmt: skip

@@ -1,8 +1,8 @@
 """What every dataset family shares: the registry, the index table, image/mask reading and resizing.
 
 A family (MVTec AD, BTAD, MTD, a folder, the synthetic set) only has to say where its data lives, which categories it
-has and how to list one split as an index table with the columns of ``INDEX_COLUMNS``. Reading, resizing and
-validation live here, once.
+has and how to list one split as an index table with the columns of ``INDEX_COLUMNS``. Reading, resizing (the input
+geometry, ``GEOMETRIES``) and validation live here, once.
 """
 
 from __future__ import annotations
@@ -18,12 +18,13 @@ import pandas as pd
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from adbench.errors import DatasetError
+from adbench.errors import ConfigError, DatasetError
 from adbench.registry import Registry
 
 INDEX_COLUMNS = ("image_path", "mask_path", "label", "defect")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 SPLITS = ("train", "test")
+GEOMETRIES = ("squash", "pad")  # how an image becomes image_size x image_size; see AnomalyDataset
 
 DATASETS: Registry[type[DatasetFamily]] = Registry("dataset")
 register_dataset = DATASETS.register
@@ -68,15 +69,72 @@ def make_index(rows: list[tuple[str | None, str | None, int, str]]) -> pd.DataFr
     return pd.DataFrame(rows, columns=list(INDEX_COLUMNS)).astype({"label": "int64"})
 
 
+Box = tuple[int, int, int, int]  # (top, left, height, width) in pixels
+
+
 @dataclass(frozen=True)
 class Sample:
-    """One resized sample: image uint8 [3,S,S], mask bool [S,S], label 0/1, defect type, source path."""
+    """One resized sample: image uint8 [3,S,S], mask bool [S,S], label 0/1, defect type, source path, and ``box``:
+    where the source image lies inside ``image`` (all of it, ``(0, 0, S, S)``, unless the geometry pads).
+
+    The mask is always the squashed one (the evaluation view); ``image`` is what the detector sees.
+    """
 
     image: torch.Tensor
     mask: torch.Tensor
     label: int
     defect: str
     path: str
+    box: Box
+
+
+def check_geometry(geometry: str) -> str:
+    """``geometry`` if it is one of ``GEOMETRIES``; ConfigError listing them otherwise."""
+    if geometry not in GEOMETRIES:
+        raise ConfigError(f"unknown geometry {geometry!r}; valid: {', '.join(GEOMETRIES)}")
+    return geometry
+
+
+def pad_resize(image: Image.Image, size: int) -> tuple[np.ndarray, Box]:
+    """``image`` resized (bilinear, aspect ratio kept) so its longer side is ``size``, centred and reflect-padded to
+    ``size`` x ``size``; returns the uint8 array [size, size, C] and the box the image occupies.
+
+    Reflection (``abc|ba``), not a constant or edge replication: a constant band adds a hard straight edge at a
+    position that moves with each image's aspect ratio, and replicated edge pixels make straight streaks; either is
+    a structure no training tile has inside it, and a detector can learn or flag it. A mirrored band continues the
+    tile's own texture at the same scale with no step in intensity (only a mirror seam), so the padded image still
+    looks like a tile. A band wider than the tile mirrors it again (numpy repeats the reflection).
+    """
+    w, h = image.size
+    scale = size / max(w, h)
+    nw, nh = max(1, min(size, round(w * scale))), max(1, min(size, round(h * scale)))
+    arr = np.array(image.resize((nw, nh), Image.BILINEAR), dtype=np.uint8)
+    top, left = (size - nh) // 2, (size - nw) // 2
+    pad = ((top, size - nh - top), (left, size - nw - left)) + ((0, 0),) * (arr.ndim - 2)
+    return np.pad(arr, pad, mode="reflect"), (top, left, nh, nw)
+
+
+def to_eval_view(x: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """Per image, crop ``x`` [N, S, S] or [N, C, S, S] to its box [N, 4] and resize it bilinearly back to S x S.
+
+    This maps a padded view (anomaly maps, or the images themselves for pictures) onto the squashed one, the view
+    the masks are in, so metrics count the same pixels whatever the geometry. An image whose box is the whole frame
+    is returned as it is (bit for bit); integer input is rounded back to its dtype.
+    """
+    size = x.shape[-1]
+    out = x.copy()
+    for i, (top, left, h, w) in enumerate(np.asarray(boxes, dtype=np.int64).tolist()):
+        if (top, left, h, w) == (0, 0, size, size):
+            continue
+        crop = torch.from_numpy(np.ascontiguousarray(x[i, ..., top : top + h, left : left + w])).float()
+        crop = crop.reshape(1, -1, h, w)  # [1, C or 1, h, w]
+        back = torch.nn.functional.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False)
+        back = back.reshape(x.shape[1:]).numpy()
+        if np.issubdtype(x.dtype, np.integer):
+            info = np.iinfo(x.dtype)
+            back = np.clip(np.rint(back), info.min, info.max)
+        out[i] = back.astype(x.dtype)
+    return out
 
 
 class DatasetFamily:
@@ -147,15 +205,20 @@ def _open_image(path: str, mode: str) -> Image.Image:
 class AnomalyDataset:
     """One split of one category at one image size: an index table plus resizing of each row to a ``Sample``.
 
-    Images are resized bilinearly (with antialiasing) to ``image_size``², grayscale is repeated to 3 channels; masks
-    are resized nearest-neighbour and binarised afterwards (``> family.mask_threshold``).
+    Images become ``image_size``² by their ``geometry``: ``squash`` resizes them bilinearly (with antialiasing) to
+    ``image_size``², whatever their aspect ratio; ``pad`` keeps the aspect ratio (``pad_resize``) and records the box
+    the image occupies. Grayscale is repeated to 3 channels. Masks are always squashed: resized nearest-neighbour to
+    ``image_size``² and binarised afterwards (``> family.mask_threshold``); ``to_eval_view`` maps a padded view onto
+    them.
     """
 
-    def __init__(self, family: DatasetFamily, category: str, split: str, image_size: int) -> None:
+    def __init__(self, family: DatasetFamily, category: str, split: str, image_size: int,
+                 geometry: str = "squash") -> None:
         if split not in SPLITS:
             raise DatasetError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
         family.check_category(category)
         self.family, self.category, self.split, self.image_size = family, category, split, image_size
+        self.geometry = check_geometry(geometry)
         self.index = family.index(category, split)
         if len(self.index) == 0:
             raise DatasetError(f"{family.name}/{category} has no {split} images under {family.base}")
@@ -173,13 +236,16 @@ class AnomalyDataset:
         row = self.index.iloc[i]
         image, mask = self.family.read(row)
         size = (self.image_size, self.image_size)
-        image = image.resize(size, Image.BILINEAR)
-        img = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+        if self.geometry == "pad":
+            arr, box = pad_resize(image, self.image_size)
+        else:
+            arr, box = np.array(image.resize(size, Image.BILINEAR), dtype=np.uint8), (0, 0, *size)
+        img = torch.from_numpy(arr).permute(2, 0, 1).contiguous()
         if mask is None:
             m = torch.zeros(size, dtype=torch.bool)
         else:
             m = torch.from_numpy(np.array(mask.resize(size, Image.NEAREST)) > self.family.mask_threshold)
-        return Sample(img, m, int(row.label), str(row.defect), str(row.image_path))
+        return Sample(img, m, int(row.label), str(row.defect), str(row.image_path), box)
 
     def batches(self, batch_size: int, workers: int = 2) -> Iterator[list[Sample]]:
         """Samples in index order, ``batch_size`` at a time, decoded by a small thread pool."""

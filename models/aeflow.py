@@ -182,6 +182,8 @@ class AEFlow(Detector):
     PRESETS = {"paper": {"epochs": 100, "batch_size": 64}}  # pimpraat: 100 epochs, batch 64
     BACKBONE_DEFAULTS = {  # decoder "symmetric with the encoder": timm feature_info channels at strides 8, 4, 2
         "tf_efficientnet_lite0": {"decoder_channels": (40, 24, 16)},
+        "tf_efficientnet_lite1": {"decoder_channels": (40, 24, 16)},  # Lite1 only deepens Lite0
+        "tf_efficientnet_lite2": {"decoder_channels": (48, 24, 16)},  # x1.1 widths, rounded to 8
         "mobilenetv3_large_100": {"decoder_channels": (40, 24, 16)},
         "efficientnet_b5": {"decoder_channels": (64, 40, 24)},
         "resnet18": {"decoder_channels": (128, 64, 64)},

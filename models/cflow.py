@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import FrEIA.framework as Ff
 import FrEIA.modules as Fm
@@ -25,6 +26,7 @@ from torch import nn
 
 from adbench.errors import ConfigError
 from adbench.features import FeatureExtractor, FeatureStore
+from adbench.models._position import POSITION_NORMS, position_layers
 from adbench.models._registry import Detector, Prediction, register_model
 from adbench.progress import NULL_PROGRESS, Progress
 from adbench.train import Stage, run_stage
@@ -53,7 +55,17 @@ class CFlowConfig:
     # "official" = the official code's test-set max (``train.py``), for reproducing the paper protocol: every score
     # then depends on the whole test set; the result's protocol says which was used
 
+    position_norm: str = "none"  # adbench named option: "none" = the official flow on raw fibers; "gaussian" /
+    # "diagonal" = a frozen first layer whitening each position by its training Gaussian (models/_position.py), its
+    # log-determinant part of log p: the coupling blocks start from PaDiM's per-position density
+    norm_epsilon: float = 0.01  # PaDiM's regularisation of every covariance (+ 0.01 I), for position_norm
+    KEY_SKIP_AT_DEFAULT: ClassVar[tuple[str, ...]] = ("position_norm", "norm_epsilon")  # added later: runs
+    # made before them keep their cell keys (adbench.runner._config_part)
+
     def __post_init__(self) -> None:
+        if self.position_norm not in POSITION_NORMS:
+            raise ConfigError(f"cflow position_norm must be one of {', '.join(POSITION_NORMS)}, "
+                              f"got {self.position_norm!r}")
         if self.loss not in ("logsigmoid", "nll"):  # checked when the config is resolved, before any work
             raise ConfigError(f"cflow loss must be logsigmoid or nll, got {self.loss!r}")
         if self.normalization not in ("train", "official"):
@@ -170,11 +182,20 @@ class CFlow(Detector):
         for i, (_, h, w) in enumerate(shapes):
             self.register_buffer(f"pos{i}", positional_encoding_2d(config.condition_dims, h, w))
         self.register_buffer("train_max", torch.zeros(len(shapes)))
+        self.position = position_layers(shapes, config.position_norm, config.norm_epsilon)  # filled by ``fit``
         self._test_maps: list[list[torch.Tensor]] = []  # "official" normalization: log p maps seen by predict
         self.fused = True  # inference through ``fused_log_prob`` (False: FrEIA's forward; same numbers, slower)
 
+    def _normalise(self, i: int, feat: torch.Tensor) -> torch.Tensor:
+        """Stage ``i``'s features through the position-conditional affine layer (identity for position_norm none)."""
+        return feat if self.position is None else self.position[i](feat)
+
+    def _log_det(self, i: int, h: int, w: int) -> torch.Tensor | float:
+        """log|det| of stage ``i``'s position layer per position [H, W] (0 without one)."""
+        return 0.0 if self.position is None else self.position[i].log_det.view(h, w)
+
     def _fibers(self, i: int, feat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """[B,C,H,W] -> fibers [B*H*W, C] and their conditions [B*H*W, P]."""
+        """[B,C,H,W] (already through ``_normalise``) -> fibers [B*H*W, C] and their conditions [B*H*W, P]."""
         b, c, h, w = feat.shape
         pos = getattr(self, f"pos{i}")
         cond = pos.unsqueeze(0).expand(b, -1, -1, -1).permute(0, 2, 3, 1).reshape(-1, pos.shape[0])
@@ -188,24 +209,28 @@ class CFlow(Detector):
         """
         maps = []
         for i, (feat, flow) in enumerate(zip(features, self.flows, strict=True)):
-            b, _, h, w = feat.shape
+            b, c, h, w = feat.shape
+            feat = self._normalise(i, feat)
             if fused:
-                maps.append(fused_log_prob(flow, feat, getattr(self, f"pos{i}")).reshape(b, h, w))
-                continue
-            x, cond = self._fibers(i, feat)
-            z, log_jac = flow(x, c=[cond])
-            maps.append(log_prob_per_dim(z, log_jac).reshape(b, h, w))
+                log_p = fused_log_prob(flow, feat, getattr(self, f"pos{i}")).reshape(b, h, w)
+            else:
+                x, cond = self._fibers(i, feat)
+                z, log_jac = flow(x, c=[cond])
+                log_p = log_prob_per_dim(z, log_jac).reshape(b, h, w)
+            maps.append(log_p + self._log_det(i, h, w) / c)
         return maps
 
     def fit(self, features: FeatureStore, progress: Progress = NULL_PROGRESS,
             images: torch.Tensor | None = None) -> dict[str, list[float]]:
         cfg, device = self.config, self.device
         gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, (1,))))
+        for i, layer in enumerate(self.position or []):
+            layer.fit(features, i, cfg.batch_size)
 
         def batches(epoch: int):
             for feats in features.batches(cfg.batch_size, gen):
                 for i, feat in enumerate(feats):
-                    x, cond = self._fibers(i, feat.to(device))
+                    x, cond = self._fibers(i, self._normalise(i, feat.to(device)))
                     order = torch.randperm(len(x), generator=gen).to(device)
                     for start in range(0, len(x), cfg.fiber_batch):
                         idx = order[start : start + cfg.fiber_batch]
@@ -253,6 +278,12 @@ class CFlow(Detector):
         return self._anomaly_map(self.log_prob_maps(features, fused=self.fused), self.train_max)
 
     @torch.no_grad()
+    def heldout_nll(self, images: torch.Tensor) -> torch.Tensor:
+        """[B] negative log-likelihood per dimension of each image's fibers, mean over positions and stages."""
+        maps = self.log_prob_maps(self.extractor(images), fused=self.fused)
+        return -torch.stack([m.flatten(1).mean(1) for m in maps]).mean(0)
+
+    @torch.no_grad()
     def predict(self, images: torch.Tensor) -> Prediction:
         maps = self.log_prob_maps(self.extractor(images.to(self.device)), fused=self.fused)
         if self.config.normalization == "official":  # kept for ``finalize``, which needs the whole test set
@@ -273,7 +304,11 @@ class CFlow(Detector):
         return amap.reshape(len(amap), -1).max(axis=1), amap
 
     def protocol(self) -> dict[str, str]:
+        out = {"map_normalization": "training-set maximum per stage (maps do not depend on the test set)"}
         if self.config.normalization == "official":
-            return {"map_normalization": "official: test-set maximum per stage, so scores depend on the whole "
-                                         "test set (cflow-ad train.py)"}
-        return {"map_normalization": "training-set maximum per stage (maps do not depend on the test set)"}
+            out["map_normalization"] = ("official: test-set maximum per stage, so scores depend on the whole test set "
+                                        "(cflow-ad train.py)")
+        if self.config.position_norm != "none":
+            out["position_norm"] = (f"{self.config.position_norm}: a frozen per-position affine layer fitted on the "
+                                    "training features before the coupling blocks (adbench option)")
+        return out

@@ -14,6 +14,7 @@ There is no official code; defaults follow the best-known reproduction, gathierr
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import FrEIA.framework as Ff
 import FrEIA.modules as Fm
@@ -21,7 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adbench.errors import ConfigError
 from adbench.features import FeatureExtractor, FeatureStore
+from adbench.models._position import POSITION_NORMS, position_layers
 from adbench.models._registry import Detector, Prediction, register_model
 from adbench.progress import NULL_PROGRESS, Progress
 from adbench.train import Stage, run_stage
@@ -40,6 +43,17 @@ class FastFlowConfig:
     weight_decay: float = 1e-5  # gathierry constants.py WEIGHT_DECAY
     batch_size: int = 32  # gathierry constants.py BATCH_SIZE
     epochs: int = 20  # adbench CPU default (see README: measured on MTD); the reference trains 500 (preset "paper")
+    position_norm: str = "none"  # adbench named option: "none" = the reference; "gaussian" / "diagonal" = a frozen
+    # layer whitening each position by its training Gaussian before the LayerNorm (models/_position.py), so the flow
+    # starts from PaDiM's per-position Mahalanobis distance (the map reads z only, as in the reference)
+    norm_epsilon: float = 0.01  # PaDiM's regularisation of every covariance (+ 0.01 I), for position_norm
+    KEY_SKIP_AT_DEFAULT: ClassVar[tuple[str, ...]] = ("position_norm", "norm_epsilon")  # added later: runs
+    # made before them keep their cell keys (adbench.runner._config_part)
+
+    def __post_init__(self) -> None:
+        if self.position_norm not in POSITION_NORMS:
+            raise ConfigError(f"fastflow position_norm must be one of {', '.join(POSITION_NORMS)}, "
+                              f"got {self.position_norm!r}")
 
 
 def subnet_conv(kernel_size: int, hidden_ratio: float):
@@ -100,12 +114,13 @@ class FastFlow(Detector):
         shapes = extractor.feature_shapes(image_size)
         self.norms = nn.ModuleList(nn.LayerNorm(list(s), elementwise_affine=True) for s in shapes)
         self.flows = nn.ModuleList(build_flow(s, config) for s in shapes)
+        self.position = position_layers(shapes, config.position_norm, config.norm_epsilon)  # filled by ``fit``
 
     def forward(self, features: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Features of each scale -> (z of each scale, log|det J| of each scale [B])."""
         z, log_jac = [], []
-        for feat, norm, flow in zip(features, self.norms, self.flows, strict=True):
-            out, lj = flow(norm(feat))
+        for i, (feat, norm, flow) in enumerate(zip(features, self.norms, self.flows, strict=True)):
+            out, lj = flow(norm(feat if self.position is None else self.position[i](feat)))
             z.append(out)
             log_jac.append(lj)
         return z, log_jac
@@ -114,6 +129,8 @@ class FastFlow(Detector):
             images: torch.Tensor | None = None) -> dict[str, list[float]]:
         cfg, device = self.config, self.device
         gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, (1,))))
+        for i, layer in enumerate(self.position or []):
+            layer.fit(features, i, cfg.batch_size)
         self.train()
         stage = Stage(
             name="fastflow",

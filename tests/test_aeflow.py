@@ -56,8 +56,9 @@ def test_registered_with_paper_defaults():
     assert (paper.epochs, paper.batch_size, paper.decoder_channels) == (100, 64, (512, 256, 64))
 
 
-@pytest.mark.parametrize("backbone", ["tf_efficientnet_lite0", "resnet18", "wide_resnet50_2", "efficientnet_b5",
-                                      "mobilenetv3_large_100", "resnet50"])
+@pytest.mark.parametrize("backbone", ["tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2",
+                                      "resnet18", "wide_resnet50_2", "efficientnet_b5", "mobilenetv3_large_100",
+                                      "resnet50"])
 def test_decoder_widths_mirror_the_encoder(backbone):
     """The paper's rule: decoder widths = the backbone's stage widths at strides 8, 4, 2 (WRN-50: 512, 256, 64)."""
     import timm

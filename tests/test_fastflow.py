@@ -84,3 +84,29 @@ def test_fit_reduces_loss_and_guards_nan(small):
     bad[0][0, 0, 0, 0] = float("nan")
     with pytest.raises(TrainingError, match="loss became nan at epoch 1"):
         small.fit(FeatureStore(bad))
+
+
+@pytest.mark.parametrize("mode", ["gaussian", "diagonal"])
+def test_position_norm_whitens_every_position_of_the_training_maps(mode):
+    """The frozen first layer (models/_position.py) maps each position's training features to mean 0 and (up to the
+    epsilon regularisation) identity covariance, or unit variances for diagonal; then the flow trains as usual."""
+    torch.manual_seed(0)
+    cfg = resolve_config("fastflow", "resnet18", {"flow_steps": 2, "epochs": 1, "batch_size": 8, "layers": "2",
+                                                  "position_norm": mode, "norm_epsilon": 1e-6})
+    ext = create_extractor("resnet18", cfg.layers, "random")
+    model = create_model("fastflow", ext, 32, cfg)
+    c, h, w = ext.feature_shapes(32)[0]  # correlated features with a different Gaussian at every position
+    mix = 0.3 * torch.randn(h * w, c, c) / c**0.5 + torch.eye(c)  # well conditioned
+    fibers = torch.einsum("pij,npj->npi", mix, torch.randn(300, h * w, c)) + torch.randn(h * w, c)
+    train = [fibers.permute(0, 2, 1).reshape(300, c, h, w).contiguous()]
+    history = model.fit(FeatureStore(train))["fastflow"]
+    white = model.position[0](train[0]).flatten(2).permute(2, 0, 1).double()  # [P, N, C]
+    assert white.mean(1).abs().max() < 1e-3
+    cov = torch.einsum("pni,pnj->pij", white - white.mean(1, keepdim=True), white - white.mean(1, keepdim=True))
+    cov = cov / (len(train[0]) - 1)
+    assert torch.allclose(torch.diagonal(cov, dim1=1, dim2=2), torch.ones(1, dtype=cov.dtype), atol=1e-3)
+    off = cov - torch.diag_embed(torch.diagonal(cov, dim1=1, dim2=2))
+    assert off.abs().max() < 1e-3 if mode == "gaussian" else off.abs().max() > 0.1  # diagonal keeps correlations
+    assert len(history) == 1 and torch.isfinite(model.predict(torch.rand(2, 3, 32, 32)).score).all()
+    with pytest.raises(ConfigError, match="position_norm must be one of none, diagonal, gaussian"):
+        resolve_config("fastflow", "resnet18", {"position_norm": "full"})

@@ -10,21 +10,36 @@ from PIL import Image
 
 from adbench.datasets import AnomalyDataset, open_family
 from adbench.errors import ConfigError
-from adbench.features import create_extractor, extract_features, list_backbones, lite0_offline_weights
+from adbench.features import BACKBONES, create_extractor, extract_features, list_backbones
 from conftest import make_mvtec
 
 
-def test_offline_lite0_weights_classify_a_photo():
-    """Mapped by position, the package's weights must make timm's Lite0 an ImageNet classifier again."""
+@pytest.mark.parametrize("variant, native_px", [(0, 224), (1, 240), (2, 260)])
+def test_offline_lite_weights_classify_a_photo(variant, native_px):
+    """Mapped by position, each package's weights must make timm's Lite0/1/2 an ImageNet classifier again."""
     import timm
 
-    model = timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()
-    model.load_state_dict(lite0_offline_weights(model))
-    img = Image.open(cbook.get_sample_data("grace_hopper.jpg")).convert("RGB").resize((224, 224), Image.BILINEAR)
-    x = torch.from_numpy(np.array(img)).permute(2, 0, 1).float()[None] / 255
+    model = timm.create_model(f"tf_efficientnet_lite{variant}", pretrained=False).eval()
+    init = {k: v.clone() for k, v in model.state_dict().items()}  # timm's random initialisation
+    state = BACKBONES.get(f"tf_efficientnet_lite{variant}").offline(model)
+    assert state.keys() == init.keys()  # every tensor mapped
+    assert not [k for k, v in init.items() if v.is_floating_point() and torch.equal(v, state[k])]  # none left as init
+    model.load_state_dict(state)
+    img = Image.open(cbook.get_sample_data("grace_hopper.jpg")).convert("RGB")
+    x = torch.from_numpy(np.array(img.resize((native_px, native_px), Image.BILINEAR))).permute(2, 0, 1)[None] / 255
     with torch.no_grad():
-        top = model((x - 0.5) / 0.5).softmax(-1).topk(3).indices[0].tolist()
-    assert top[0] == 652  # ImageNet "military uniform": the classic label of this photo of Grace Hopper
+        prob = model((x - 0.5) / 0.5).softmax(-1)
+    assert torch.isfinite(prob).all()
+    assert prob.argmax() == 652  # ImageNet "military uniform": the classic label of this photo of Grace Hopper
+
+
+@pytest.mark.parametrize("variant, channels", [(1, [24, 40, 112, 320]), (2, [24, 48, 120, 352])])
+def test_lite1_lite2_extractors_load_offline(variant, channels):
+    """Stages 1-4 (strides 4-32); Lite1 only deepens Lite0, Lite2 also widens it (x1.1, rounded to 8)."""
+    ext = create_extractor(f"tf_efficientnet_lite{variant}", (1, 2, 3, 4))
+    assert ext.weights_source == f"offline:tf_efficientnet_lite{variant}"
+    assert ext.channels == channels and ext.strides == [4, 8, 16, 32]
+    assert ext.feature_shapes(256) == [(c, 256 // s, 256 // s) for c, s in zip(channels, ext.strides, strict=True)]
 
 
 def test_extractor_channels_strides_frozen_and_normalised():

@@ -15,11 +15,12 @@ from adbench.results import load_results, results_frame, write_run
 
 
 def fake(model="fastflow", dataset="mtd", category="mtd", seed=0, auroc: float | None = 0.9,
-         backbone="tf_efficientnet_lite0", speed=5.0, device=None):
+         backbone="tf_efficientnet_lite0", speed=5.0, device=None, code: str | None = None):
     m = {"image_auroc": auroc, "pixel_auroc": 0.8, "image_aupr": 0.7, "pixel_aupr": 0.3, "aupro": 0.6}
     return {"model": model, "dataset": dataset, "category": category, "seed": seed, "backbone": backbone,
             "image_size": 256, "metrics": m, "timing": {"fit_s": 10.0, "test_images_per_s": speed},
-            "device": device or {"type": "cpu", "cpu": "x86_64", "threads": 2}}
+            "device": device or {"type": "cpu", "cpu": "x86_64", "threads": 2},
+            **({"code": {"adbench": "0.1.0", "detector": code}} if code else {})}
 
 
 def put(tmp_path, **kw):
@@ -204,6 +205,35 @@ def test_parts_are_scored_alone_beside_the_detector(tmp_path):
     rows = [[c.strip() for c in ln.split("|")[2:5]] for ln in section.splitlines() if ln.startswith("| mtd")]
     assert rows == [["aeflow", "(detector)", "90.0 ± 0.0"], ["aeflow", "flow", "75.0 ± 7.1"],
                     ["aeflow", "recon", "– (incomplete)"]]
+
+
+def test_runs_of_different_detector_code_never_share_a_column_unsaid(tmp_path):
+    put(tmp_path, seed=0, code="aaaaaaaaaaaa", auroc=0.9)
+    put(tmp_path, seed=1, code="bbbbbbbbbbbb", auroc=0.5)
+    put(tmp_path, model="cflow", seed=0, code="cccccccccccc")
+    put(tmp_path, model="cflow", seed=1, code="cccccccccccc")
+    text = build_report(tmp_path)
+    table = metric_table(results_frame(load_results(tmp_path)), "image_auroc")
+    assert list(table.columns)[2:] == ["cflow", "fastflow (code=aaaaaaaaaaaa)", "fastflow (code=bbbbbbbbbbbb)"]
+    assert [table.iloc[0][c] for c in table.columns[3:]] == ["90.0", "50.0"]  # not 70.0 ± 28.3
+    note = "Runs of one setting made by different detector code are not averaged"
+    assert note in text and "`fastflow (code=aaaaaaaaaaaa)`, `fastflow (code=bbbbbbbbbbbb)`" in text.split("\n## ")[0]
+    # a run that records no code (made before adbench recorded it) is code "(absent)"; per category, too
+    for category, code in (("bottle", None), ("cable", "bbbbbbbbbbbb")):
+        put(tmp_path / "m", dataset="mvtec", category=category, code=code)
+    table = metric_table(results_frame(load_results(tmp_path / "m")), "image_auroc")
+    assert list(table.columns)[2:] == ["fastflow (code=(absent))", "fastflow (code=bbbbbbbbbbbb)"]
+
+
+def test_a_rerun_by_new_code_replaces_the_seed(tmp_path):
+    """Every seed rerun by the current code (``adbench sweep --rerun-stale``): one column, the old runs left out."""
+    old = [put(tmp_path, seed=seed, code="aaaaaaaaaaaa", auroc=0.5) for seed in (0, 1)]
+    new = [put(tmp_path, seed=seed, code="bbbbbbbbbbbb", auroc=0.9) for seed in (0, 1)]
+    text = build_report(tmp_path)
+    table = metric_table(results_frame(load_results(tmp_path)), "image_auroc")
+    assert list(table.columns)[2:] == ["fastflow"] and table.iloc[0].fastflow == "90.0 ± 0.0"
+    assert "different detector code" not in text
+    assert f"- `{old[0].name}` (seed 0), replaced by `{new[0].name}`" in text.split("## Reruns")[1]
 
 
 REPO = Path(__file__).resolve().parents[1]

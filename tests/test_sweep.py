@@ -59,6 +59,20 @@ def test_expansion_order_settings_and_keys(tmp_path):
     assert not {c.key for c in expand(grid, tmp_path / "res")} & {c.key for c in cells}
 
 
+def test_vary_expands_every_combination_and_validation_is_part_of_the_key(tmp_path):
+    grid = load_grid(grid_file(tmp_path, TINY.replace('["texture", "pattern"]', '["texture"]')
+                               + "validation = 0.2\n[vary]\nposition_norm = [\"none\", \"gaussian\"]\n"
+                               + "hidden_ratio = [1.0, 0.5]\n"))
+    cells = expand(grid, tmp_path / "res")
+    assert [(c.spec.overrides["position_norm"], c.spec.overrides["hidden_ratio"]) for c in cells] == [
+        ("none", 1.0), ("none", 0.5), ("gaussian", 1.0), ("gaussian", 0.5)]
+    assert len({c.key for c in cells}) == 4 and all(c.spec.validation == 0.2 for c in cells)
+    del grid["overrides"]["validation"]
+    assert not {c.key for c in expand(grid, tmp_path / "res")} & {c.key for c in cells}
+    with pytest.raises(ConfigError, match=r"\[vary\] epochs must be a non-empty list"):
+        load_grid(grid_file(tmp_path, TINY + "[vary]\nepochs = 3\n"))
+
+
 @pytest.mark.parametrize("text, error, match", [
     ("foo = 1\n" + TINY, ConfigError, "unknown key.*foo"),
     (TINY + "foo = 1\n", ConfigError, "fastflow has no config field .foo."),
@@ -240,15 +254,89 @@ def test_slurm_states_reads_sacct_including_pending_array_tasks(tmp_path, monkey
     assert slurm_states(["12_0"]) == {}  # no sacct: no state known
 
 
-def test_cell_keys_and_results_know_their_code(tmp_path, monkeypatch):
-    from adbench.runner import code_version
+REPO = Path(__file__).resolve().parents[1]
+EDITED = "0123456789ab"  # the detector-code hash of an edit of fastflow.py
 
-    fastflow = Path(runner_module.__file__).parents[1] / "models" / "fastflow.py"
+
+def test_code_hashes_the_detector_and_the_model_files_it_imports_and_stays_out_of_keys(tmp_path, monkeypatch):
+    from adbench.runner import code_version, detector_code, git_state
+
     code = code_version("fastflow")
-    assert code["detector"] == hashlib.sha256(fastflow.read_bytes()).hexdigest()[:16] and code["adbench"]
+    expected = hashlib.sha256()
+    for name in code["files"]:  # sorted; the detector's file and the models/ files it imports
+        source = (REPO / "models" / name).read_bytes()
+        expected.update(f"{name}\0{len(source)}\0".encode() + source)
+    assert code["detector"] == expected.hexdigest()[:12] and "fastflow.py" in code["files"] and code["adbench"]
+    assert {"cflow.py", "clscnf.py"} <= set(detector_code("clscnf")[1])  # clscnf builds on cflow's flows
+    padim = detector_code("padim")[1]
+    assert {"_maps.py", "padim.py"} <= set(padim) and "_registry.py" not in padim  # imported by all: left out
+    if (REPO / ".git").exists():
+        assert len(code["git"]) == 40 and isinstance(code["dirty"], bool)
+    assert git_state(tmp_path) == {"git": None, "dirty": None}  # not a checkout: no commit, and no error
+    monkeypatch.setenv("PATH", str(tmp_path))  # no git at all
+    assert git_state.__wrapped__(REPO / "adbench") == {"git": None, "dirty": None}
     grid = load_grid(grid_file(tmp_path))
-    keys = [c.key for c in expand(grid, tmp_path / "res")]
-    monkeypatch.setattr(runner_module, "code_version", lambda model: {**code, "detector": "edited"})
-    assert not set(keys) & {c.key for c in expand(grid, tmp_path / "res")}  # an edited detector: cells are stale
-    monkeypatch.setattr(runner_module, "code_version", lambda model: {**code, "adbench": "9.9"})
-    assert not set(keys) & {c.key for c in expand(grid, tmp_path / "res")}
+    cells = expand(grid, tmp_path / "res")
+    assert {c.code for c in cells} == {code["detector"]}
+    monkeypatch.setattr(runner_module, "detector_code", lambda model: (EDITED, ("fastflow.py",)))
+    edited = expand(grid, tmp_path / "res")
+    assert [c.key for c in edited] == [c.key for c in cells] and {c.code for c in edited} == {EDITED}
+
+
+def sweep_cli(path: Path, res: Path, *args: str) -> str:
+    result = CliRunner().invoke(app, ["sweep", str(path), "--results-dir", str(res), *args])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_a_stale_cell_is_listed_and_rerun_only_with_rerun_stale(tmp_path, monkeypatch):
+    path, res = grid_file(tmp_path), tmp_path / "res"
+    cells = expand(load_grid(path), res)
+    sweep_cli(path, res)
+    before = load_results(res)
+    made_by = cells[0].code
+    assert [r["code"]["detector"] for r in before] == [made_by] * 2 and "fastflow.py" in before[0]["code"]["files"]
+    monkeypatch.setattr(runner_module, "detector_code", lambda model: (EDITED, ("fastflow.py",)))  # fastflow.py edited
+    texture = "fastflow_resnet18_synthetic_texture_s0"
+    dry = sweep_cli(path, res, "--dry-run")
+    assert f"stale (code {made_by}, now {EDITED})  {texture}  resnet18@64" in dry
+    assert "2 cells, 0 to run; 2 stale (run by other detector code), kept: --rerun-stale reruns them" in dry
+    assert "2 cells, 2 to run; 2 stale" in sweep_cli(path, res, "--dry-run", "--rerun-stale")
+    out = sweep_cli(path, res)  # kept, and said so
+    assert f"stale  {texture}" in out and f"(code {made_by}, now {EDITED})" in out and "2 cells: 2 stale" in out
+    assert f"2 stale cell(s) kept (run by other detector code): {texture}, " in " ".join(out.split())
+    assert len(load_results(res)) == 2
+    out = sweep_cli(path, res, "--rerun-stale")
+    assert "2 cells: 2 ran" in out
+    reruns = {r["path"]: r for r in load_results(res) if r["path"].endswith("-1")}
+    assert sorted(r["code"]["detector"] for r in reruns.values()) == [EDITED] * 2 and len(load_results(res)) == 4
+    assert {str(res / "runs" / (res / "cells" / c.key).read_text().strip()) for c in cells} == set(reruns)
+    assert "2 cells: 2 done" in sweep_cli(path, res, "--rerun-stale")  # the newest run of each cell is current
+    assert f"done  {texture}" in sweep_cli(path, res, "--dry-run")
+
+
+def test_a_run_without_code_is_done_of_unknown_code_and_kept(tmp_path, monkeypatch):
+    from adbench.results import write_run
+
+    path, res = grid_file(tmp_path), tmp_path / "res"
+    for cell in expand(load_grid(path), res):  # runs from before results recorded their code
+        write_run(res, cell.name, {"result.json": json.dumps({"cell": cell.key, "model": "fastflow"})})
+    monkeypatch.setattr(runner_module, "run_one", lambda spec, progress=None: pytest.fail("reran a kept cell"))
+    dry = sweep_cli(path, res, "--dry-run", "--rerun-stale")
+    assert "done (unknown code)  fastflow_resnet18_synthetic_texture_s0" in dry
+    assert "2 cells, 0 to run; 2 done by runs of unknown code (they record none), kept" in dry
+    assert "2 cells: 2 done" in sweep_cli(path, res, "--rerun-stale")
+
+
+def test_the_committed_mtd_runs_are_not_stale(monkeypatch):
+    """results/sweep_mtd was run before results recorded their code: a sweep keeps those cells (of unknown code).
+
+    (A cell whose settings changed since, e.g. a config field added, is todo: its key differs, code or not.)
+    """
+    monkeypatch.chdir(REPO)
+    dry = sweep_cli(Path("grids/mtd.toml"), Path("results/sweep_mtd"), "--dry-run")
+    states = [line.split("  ")[0] for line in dry.splitlines() if "_mtd_mtd_s" in line]
+    assert len(states) == 8 and set(states) <= {"done (unknown code)", "todo"}, dry
+    cell = expand(load_grid(Path("grids/mtd.toml")), Path("results/sweep_mtd"), need_data=False)[0]
+    runs = [run for run in sweep_module.done_runs(Path("results/sweep_mtd")).values() if "code" not in run]
+    assert runs and {sweep_module.code_state(cell, run) for run in runs} == {"unknown"}  # kept, whatever cell.code
