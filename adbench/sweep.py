@@ -13,6 +13,9 @@ A grid file::
     backbone = "wide_resnet50_2"
     [vary]                            # optional: every combination of these values, for every model (ablations)
     position_norm = ["none", "gaussian"]
+    [[variant]]                       # optional: each [[variant]] table is one set of settings, every cell run
+    [[variant]]                       # once per variant (one-factor ablations; an empty one = no change)
+    geometry = "pad"
     [slurm]                           # resources per cell for --executor slurm / submitit-local
     gpus = 1
     cpus = 8
@@ -52,7 +55,7 @@ from adbench.results import _rerun_number, cell_run, load_results, run_name
 
 # RunSpec fields a grid may set (the rest is config)
 SPEC_KEYS = ("backbone", "weights", "image_size", "geometry", "preset", "validation")
-GRID_KEYS = {"models", "datasets", "seeds", "categories", "overrides", "model", "slurm", "data_root", "vary"}
+GRID_KEYS = {"models", "datasets", "seeds", "categories", "overrides", "model", "slurm", "data_root", "vary", "variant"}
 SLURM_KEYS = {"gpus": 1, "cpus": 8, "mem_gb": 32, "time_min": 240, "partition": None, "array_parallelism": 64}
 EXECUTORS = ("local", "submitit-local", "slurm")
 ENDED = {"BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
@@ -99,6 +102,8 @@ def load_grid(path: Path) -> dict[str, Any]:
     grid.setdefault("seeds", [0])
     if not all(isinstance(s, int) and s >= 0 for s in grid["seeds"]):
         raise ConfigError(f"{path}: 'seeds' must be a list of non-negative integers")
+    if not isinstance(grid.get("variant", []), list):
+        raise ConfigError(f"{path}: variants are written [[variant]] (an array of tables)")
     for key, values in grid.get("vary", {}).items():
         if not isinstance(values, list) or not values:
             raise ConfigError(f"{path}: [vary] {key} must be a non-empty list of values")
@@ -139,8 +144,9 @@ def expand(grid: dict[str, Any], results_dir: Path, data_root: Path | None = Non
         raise DatasetError("; ".join(missing))
     cells = []
     vary = grid.get("vary", {})
-    for model, combo in itertools.product(grid["models"], itertools.product(*vary.values())):
-        settings = {**grid.get("overrides", {}), **grid.get("model", {}).get(model, {}),
+    for model, variant, combo in itertools.product(grid["models"], grid.get("variant") or [{}],
+                                                   itertools.product(*vary.values())):
+        settings = {**grid.get("overrides", {}), **grid.get("model", {}).get(model, {}), **variant,
                     **dict(zip(vary, combo, strict=True))}
         spec_fields = {k: settings.pop(k) for k in SPEC_KEYS if k in settings}
         base = RunSpec(model=model, results_dir=Path(results_dir), data_root=data_root, overrides=settings,

@@ -59,8 +59,10 @@ class CFlowConfig:
     # "diagonal" = a frozen first layer whitening each position by its training Gaussian (models/_position.py), its
     # log-determinant part of log p: the coupling blocks start from PaDiM's per-position density
     norm_epsilon: float = 0.01  # PaDiM's regularisation of every covariance (+ 0.01 I), for position_norm
-    KEY_SKIP_AT_DEFAULT: ClassVar[tuple[str, ...]] = ("position_norm", "norm_epsilon")  # added later: runs
-    # made before them keep their cell keys (adbench.runner._config_part)
+    positional_condition: bool = True  # official; False = the condition zeroed (an unconditional flow per stage), for
+    # the ablation of position on tiles that are not aligned
+    # added later: runs made before them keep their cell keys (adbench.runner._config_part)
+    KEY_SKIP_AT_DEFAULT: ClassVar[tuple[str, ...]] = ("position_norm", "norm_epsilon", "positional_condition")
 
     def __post_init__(self) -> None:
         if self.position_norm not in POSITION_NORMS:
@@ -180,7 +182,8 @@ class CFlow(Detector):
         shapes = extractor.feature_shapes(image_size)
         self.flows = nn.ModuleList(build_flow(c, config) for c, _, _ in shapes)
         for i, (_, h, w) in enumerate(shapes):
-            self.register_buffer(f"pos{i}", positional_encoding_2d(config.condition_dims, h, w))
+            pe = positional_encoding_2d(config.condition_dims, h, w)
+            self.register_buffer(f"pos{i}", pe if config.positional_condition else torch.zeros_like(pe))
         self.register_buffer("train_max", torch.zeros(len(shapes)))
         self.position = position_layers(shapes, config.position_norm, config.norm_epsilon)  # filled by ``fit``
         self._test_maps: list[list[torch.Tensor]] = []  # "official" normalization: log p maps seen by predict

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import shlex
 from pathlib import Path
@@ -158,13 +159,15 @@ def shrink_grid(path: Path, out: Path) -> str:
     model = grid["models"][0]
     small = {"clscnf": {"coupling_blocks": 2, "cls_frozen_epochs": 1, "cls_finetune_epochs": 1},
              "cflow": {"coupling_blocks": 2}}.get(model, {"flow_steps": 2})
-    settings = {**grid.get("overrides", {}), **grid.get("model", {}).get(model, {}), "image_size": 64, "epochs": 1,
-                **small}
+    first = {k: v[0] for k, v in grid.get("vary", {}).items()}  # the first variant and the first varied values
+    settings = {**grid.get("overrides", {}), **grid.get("model", {}).get(model, {}), **(grid.get("variant") or [{}])[0],
+                **first, "image_size": 64, "epochs": 1, **small}
     lines = [f"models = [{json.dumps(model)}]", f"datasets = {json.dumps(grid['datasets'])}",
              f"seeds = [{grid['seeds'][0]}]", "[overrides]"] + [f"{k} = {json.dumps(v)}" for k, v in settings.items()]
     out.write_text("\n".join(lines) + "\n")
     dry, text = invoke(["sweep", str(path), "--dry-run"])
-    n_cells = len(grid["models"]) * len(grid["seeds"])
+    n_cells = len(grid["models"]) * len(grid["seeds"]) * len(grid.get("variant") or [{}]) * math.prod(
+        len(v) for v in grid.get("vary", {}).values())
     assert dry.exit_code == 0 and f"{n_cells} cells" in text, text
     return str(out)
 

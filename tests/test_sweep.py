@@ -69,6 +69,11 @@ def test_vary_expands_every_combination_and_validation_is_part_of_the_key(tmp_pa
     assert len({c.key for c in cells}) == 4 and all(c.spec.validation == 0.2 for c in cells)
     del grid["overrides"]["validation"]
     assert not {c.key for c in expand(grid, tmp_path / "res")} & {c.key for c in cells}
+    variants = expand(load_grid(grid_file(tmp_path, TINY.replace('["texture", "pattern"]', '["texture"]')
+                                          + '[[variant]]\n[[variant]]\ngeometry = "pad"\n[[variant]]\nepochs = 2\n')),
+                      tmp_path / "res")
+    assert [(c.spec.geometry, c.spec.overrides["epochs"]) for c in variants] == [
+        ("squash", 1), ("pad", 1), ("squash", 2)]
     with pytest.raises(ConfigError, match=r"\[vary\] epochs must be a non-empty list"):
         load_grid(grid_file(tmp_path, TINY + "[vary]\nepochs = 3\n"))
 
