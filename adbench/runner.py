@@ -35,7 +35,6 @@ from adbench.features import cache_key, create_extractor, extract_features
 from adbench.models import create_model, resolve_config
 from adbench.progress import NULL_PROGRESS, Progress
 from adbench.results import check_writable, finite_or_none, mark_cell, run_name, write_run
-from adbench.validation import carve, validate
 
 
 @dataclass(frozen=True)
@@ -283,6 +282,8 @@ def run_one(spec: RunSpec, progress: Progress = NULL_PROGRESS, *, eval_epochs: S
     test = AnomalyDataset(family, spec.category, "test", spec.image_size, spec.geometry)
     held = None
     if spec.validation:  # settings are chosen on this, never on the test split (adbench.validation)
+        from adbench.validation import carve  # imported when used: it brings in the defect synthesis (torchvision)
+
         train, held = carve(train, spec.validation)
     seed_everything(spec.seed)
     extractor = create_extractor(spec.backbone, config.layers, spec.weights).to(device)
@@ -334,6 +335,8 @@ def run_one(spec: RunSpec, progress: Progress = NULL_PROGRESS, *, eval_epochs: S
     validation = None
     if held is not None:
         progress.log("validating on held-out training images with synthetic defects")
+        from adbench.validation import validate
+
         validation = validate(detector, load_split(held, config.batch_size, spec.workers, progress), predict_all,
                               config.batch_size, device, progress)
         validation["fraction"] = spec.validation
