@@ -211,7 +211,8 @@ def device_label(device: dict | None) -> str:
         return "unknown"
     if device.get("type") == "cuda":
         return str(device.get("name", "CUDA"))
-    return f"CPU ({device.get('threads', '?')} threads)"
+    threads = device.get("threads", "?")
+    return f"CPU ({threads} thread{'' if threads == 1 else 's'})"
 
 
 def results_frame(results: list[dict]) -> pd.DataFrame:
