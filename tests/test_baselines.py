@@ -110,13 +110,29 @@ def _brute_force_greedy(x: torch.Tensor, k: int, start: int) -> list[int]:
     return picks
 
 
-@pytest.mark.parametrize("n,d,k", [(3000, 8, 300), (2000, 128, 400), (500, 3, 500), (4000, 40, 900)])
-def test_coreset_equals_brute_force_greedy(n, d, k):
-    g = torch.Generator().manual_seed(n + d)
-    x = principal_axes(torch.randn(n, d, generator=g) * torch.linspace(3, 0.1, d))
-    assert greedy_coreset(x, k, start=7).tolist() == _brute_force_greedy(x, k, 7)
-    ties = torch.randint(0, 4, (800, 40), generator=g).float()  # many equal distances: the lowest index wins
-    assert greedy_coreset(ties, 120, start=3).tolist() == _brute_force_greedy(ties, 120, 3)
+def _coreset_case(case: str, g: torch.Generator) -> tuple[torch.Tensor, int, int]:
+    """(x, k, start) for one exact-coreset case, small enough for the brute force."""
+    if case == "ties":  # many equal distances: the lowest index wins
+        return torch.randint(0, 4, (800, 40), generator=g).float(), 120, 3
+    if case == "duplicates":  # every row twice; k = N runs on into all-zero distances, where row 0 wins
+        base = torch.randint(0, 3, (150, 6), generator=g).float()
+        return base[torch.randperm(300, generator=g) % 150], 300, 0
+    if case == "clusters":  # 40 tight clusters: the bounds rule out most rows for most picks
+        centres = 10 * torch.randn(40, 32, generator=g)
+        x = centres[torch.randint(0, 40, (5000,), generator=g)] + 0.05 * torch.randn(5000, 32, generator=g)
+        return principal_axes(x), 1500, 11
+    n, d, k = {"8 dims": (3000, 8, 300), "128 dims": (2000, 128, 400), "k = N": (500, 3, 500),
+               "k = 1": (2500, 64, 1), "40 dims": (4000, 40, 900)}[case]
+    return principal_axes(torch.randn(n, d, generator=g) * torch.linspace(3, 0.1, d)), k, 7
+
+
+@pytest.mark.parametrize("case", ["8 dims", "128 dims", "40 dims", "k = N", "k = 1", "ties", "duplicates",
+                                  "clusters"])
+def test_coreset_equals_brute_force_greedy(case):
+    x, k, start = _coreset_case(case, torch.Generator().manual_seed(0))
+    threads = torch.get_num_threads()
+    assert greedy_coreset(x, k, start=start).tolist() == _brute_force_greedy(x, k, start)
+    assert torch.get_num_threads() == threads  # the selection runs on one thread, then restores the setting
 
 
 def test_nearest_equals_cdist():
