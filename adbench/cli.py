@@ -116,6 +116,10 @@ def run(
                                                    "as they are and with synthetic defects (result 'validation'); "
                                                    "choose settings on that, not on the test split.")
     ] = 0.0,
+    feature_precision: Annotated[
+        str, typer.Option(help="Backbone features: fp32 (every device, no TF32) or fp16 (CUDA autocast, faster; on "
+                               "the CPU the outputs rounded to fp16). Recorded in result.json.")
+    ] = "fp32",
 ) -> None:
     """Train one detector on one category (or all) and write result.json per run."""
     from adbench.runner import RunSpec
@@ -130,7 +134,7 @@ def run(
         spec = RunSpec(model=model, dataset=dataset, category=category, data_root=data_root, root=root,
                        backbone=backbone, weights=weights, image_size=image_size, geometry=geometry, seed=seed,
                        device=device, results_dir=results_dir, overrides=overrides, preset=preset, cache_dir=cache_dir,
-                       save_maps=save_maps, validation=validation)
+                       save_maps=save_maps, validation=validation, feature_precision=feature_precision)
         progress = RichProgress()
         with progress.bar:
             folders = run_spec(spec, progress)

@@ -32,6 +32,11 @@ from adbench.progress import NULL_PROGRESS, Progress
 from adbench.registry import Registry
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# The precision of the features detectors train on (``--feature-precision``, recorded in every result's ``device``).
+# fp32 (default): fp32 convolutions on every device, TF32 off on CUDA, so a GPU's features equal the CPU's up to
+# rounding (fp16 autocast moved AE-FLOW's CUDA result 8.7 Img AUROC points from the CPU's on MTD, issue 13).
+# fp16: autocast on CUDA (faster); on the CPU the fp32 outputs rounded to fp16, a stand-in to study the effect.
+PRECISIONS = {"fp32": "fp32 (no TF32 on CUDA)", "fp16": "fp16 (CUDA autocast; CPU: fp32 outputs rounded to fp16)"}
 
 
 @dataclass(frozen=True)
@@ -120,8 +125,11 @@ class FeatureExtractor(nn.Module):
     It owns its input normalisation: ``forward`` takes images in [0, 1] (float) or uint8, shape [B, 3, H, W].
     """
 
-    def __init__(self, backbone: str, layers: tuple[int, ...], weights: str | None = None) -> None:
+    def __init__(self, backbone: str, layers: tuple[int, ...], weights: str | None = None,
+                 precision: str = "fp32") -> None:
         super().__init__()
+        if precision not in PRECISIONS:
+            raise ConfigError(f"unknown feature precision {precision!r}; valid: {', '.join(PRECISIONS)}")
         spec = BACKBONES.get(backbone)
         self.backbone, self.layers = backbone, tuple(int(i) for i in layers)
         n_stages = len(timm.create_model(backbone, pretrained=False, features_only=True).feature_info)
@@ -137,7 +145,7 @@ class FeatureExtractor(nn.Module):
         self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
         self.requires_grad_(False)
         self.eval()
-        self.half_on_cuda = True  # fp16 autocast on CUDA (inference); off for a copy that is trained in fp32
+        self.precision = precision  # PRECISIONS; a fine-tuned copy (clscnf) is set to fp32
 
     def _build(self, spec: Backbone, weights: str | None) -> tuple[nn.Module, str]:
         kw = {"features_only": True, "out_indices": self.layers}
@@ -175,9 +183,14 @@ class FeatureExtractor(nn.Module):
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
         x = (x - self.mean) / self.std
-        with torch.autocast("cuda", dtype=torch.float16, enabled=x.is_cuda and self.half_on_cuda):
-            feats = self.net(x)
-        return [f.float() for f in feats]
+        if self.precision == "fp16" and not x.is_cuda:  # the CPU's stand-in for CUDA's autocast: round the outputs
+            return [f.half().float() for f in self.net(x)]
+        if self.precision == "fp16":
+            with torch.autocast("cuda", dtype=torch.float16):
+                return [f.float() for f in self.net(x)]
+        with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, benchmark=torch.backends.cudnn.benchmark,
+                                        deterministic=torch.backends.cudnn.deterministic, allow_tf32=False):
+            return list(self.net(x))  # fp32 convolutions on CUDA too (no TF32): the CPU's features up to rounding
 
     def feature_shapes(self, image_size: int) -> list[tuple[int, int, int]]:
         """(C, H, W) of each returned map for square inputs of ``image_size`` (computed by a dry run)."""
@@ -185,9 +198,10 @@ class FeatureExtractor(nn.Module):
         return [tuple(f.shape[1:]) for f in self(torch.zeros(1, 3, image_size, image_size, device=device))]
 
 
-def create_extractor(backbone: str, layers: tuple[int, ...], weights: str | None = None) -> FeatureExtractor:
+def create_extractor(backbone: str, layers: tuple[int, ...], weights: str | None = None,
+                     precision: str = "fp32") -> FeatureExtractor:
     """Build a frozen feature extractor (see ``FeatureExtractor``)."""
-    return FeatureExtractor(backbone, layers, weights)
+    return FeatureExtractor(backbone, layers, weights, precision)
 
 
 class FeatureStore:

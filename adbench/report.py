@@ -159,6 +159,23 @@ def validation_table(frame: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["dataset", "detector", *SHORT.values(), "held-out NLL / dim"])
 
 
+def selection_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """Settings a detector chose itself in ``fit`` on held-out training images (result ``selection``, e.g. CLS+CNF's
+    fusion weight): one row per run and setting, with the held-out Image AUROC of the choice and of each part alone."""
+    frame = latest_runs(frame)[0]
+    rows = []
+    for r in frame[frame.selection.map(bool)].sort_values(["dataset", "column", "category", "seed"]).itertuples():
+        for name, sel in sorted(r.selection.items()):
+            alone = ", ".join(f"{k} {100 * v:.1f}" for k, v in (sel.get("alone") or {}).items())
+            auroc = sel.get("image_auroc")
+            rows.append({"dataset": r.dataset, "detector": r.column, "category": r.category, "seed": r.seed,
+                         "setting": name, "chosen": f"w = {sel.get('weight'):g}, {sel.get('scaling')}",
+                         "held-out Img AUROC": "–" if auroc is None else f"{100 * auroc:.1f}",
+                         "parts alone (held-out)": alone or "–", "how": sel.get("how", "").split(":")[0]})
+    return pd.DataFrame(rows, columns=["dataset", "detector", "category", "seed", "setting", "chosen",
+                                       "held-out Img AUROC", "parts alone (held-out)", "how"])
+
+
 def _markdown(table: pd.DataFrame) -> str:
     return table.to_markdown(index=False, disable_numparse=True)
 
@@ -239,6 +256,12 @@ def report_with_figures(results_dir: Path, stem: str | None,
                      "what a setting is chosen on, never the test split. Held-out NLL: mean negative log-likelihood "
                      "per dimension of the held-out normal features (lower = a better density).\n\n"
                      f"{_markdown(validated)}\n")
+    chosen = selection_table(frame) if "selection" in frame else []
+    if len(chosen):
+        parts.append("## Settings chosen on held-out training images\n\nChosen by the detector inside `fit` on a fixed "
+                     "held-out part of the training images with synthetic defects, never on the test split "
+                     "(`selection` in result.json); Image AUROC in % on that held-out set.\n\n"
+                     f"{_markdown(chosen)}\n")
     # timings are only compared on one machine: a table per device, the device most runs used first
     devices = frame.device.value_counts().sort_index().sort_values(ascending=False, kind="stable")
     for key, title in TIMINGS.items():

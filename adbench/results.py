@@ -45,9 +45,11 @@ ABSENT = "(absent)"  # a settings field a run does not record (e.g. a config fie
 
 def run_settings(result: dict) -> dict:
     """What a run was set to besides its seed, dataset and category: backbone, image size, geometry, weights, preset,
-    config."""
+    config, and the precision of the backbone's ``features`` (``feature_precision``: CUDA runs made before adbench
+    recorded it used fp16)."""
     keys = ("backbone", "image_size", "weights", "preset")
     return {**{k: result.get(k) for k in keys}, "geometry": run_geometry(result),
+            "features": feature_precision(result.get("device")),
             **({"validation": result["validation"]["fraction"]} if result.get("validation") else {}),
             **_later_defaults(result.get("model")), **(result.get("config") or {})}
 
@@ -205,14 +207,22 @@ def load_results(results_dir: Path) -> list[dict]:
     return out
 
 
+def feature_precision(device: dict | None) -> str:
+    """The precision of a run's backbone features (``device.feature_precision``); CUDA runs made before adbench
+    recorded it used fp16 autocast, CPU runs fp32."""
+    device = device or {}
+    return device.get("feature_precision", "fp16" if device.get("type") == "cuda" else "fp32")
+
+
 def device_label(device: dict | None) -> str:
-    """Where a run's timings were taken: the GPU's name, or "CPU (N threads)"; "unknown" for old results."""
+    """Where a run's timings were taken: the GPU's name, or "CPU (N threads)", with ", fp16 features" where the
+    backbone ran in fp16 (``feature_precision``); "unknown" for old results."""
     if not device:
         return "unknown"
-    if device.get("type") == "cuda":
-        return str(device.get("name", "CUDA"))
+    cuda, half = device.get("type") == "cuda", feature_precision(device) == "fp16"
     threads = device.get("threads", "?")
-    return f"CPU ({threads} thread{'' if threads == 1 else 's'})"
+    where = str(device.get("name", "CUDA")) if cuda else f"CPU ({threads} thread{'' if threads == 1 else 's'})"
+    return where + (", fp16 features" if half else "")
 
 
 def results_frame(results: list[dict]) -> pd.DataFrame:
@@ -227,7 +237,7 @@ def results_frame(results: list[dict]) -> pd.DataFrame:
         row = {k: r.get(k) for k in ("model", "dataset", "category", "backbone", "image_size", "seed", "path")}
         row.update(column=column, setting=setting_hash(r), code=run_code(r), device=device_label(r.get("device")),
                    started=r.get("started") or "", run=Path(r.get("path") or "").name, parts=r.get("parts") or {},
-                   validation=r.get("validation") or {})
+                   validation=r.get("validation") or {}, selection=r.get("selection") or {})
         row.update({m: r.get("metrics", {}).get(m) for m in METRICS})
         row.update({f"timing_{k}": v for k, v in r.get("timing", {}).items()})
         rows.append(row)

@@ -31,7 +31,7 @@ import torch
 from adbench import metrics as M
 from adbench.datasets import AnomalyDataset, check_geometry, open_family, to_eval_view
 from adbench.errors import ConfigError, TrainingError
-from adbench.features import cache_key, create_extractor, extract_features
+from adbench.features import PRECISIONS, cache_key, create_extractor, extract_features
 from adbench.models import create_model, resolve_config
 from adbench.progress import NULL_PROGRESS, Progress
 from adbench.results import check_writable, finite_or_none, mark_cell, run_name, write_run
@@ -59,9 +59,12 @@ class RunSpec:
     workers: int = 2  # image decoding threads
     save_maps: bool | None = None  # write maps.png, roc.png, pro.png; None: when the test split is small (below)
     validation: float = 0.0  # hold out this fraction of the training images as a synthetic-defect validation split
+    feature_precision: str = "fp32"  # features.PRECISIONS: fp32 everywhere, or fp16 (CUDA autocast) for speed
 
-    def __post_init__(self) -> None:
-        check_geometry(self.geometry)  # a typo fails before any work (a sweep checks every cell up front)
+    def __post_init__(self) -> None:  # a typo fails before any work (a sweep checks every cell up front)
+        check_geometry(self.geometry)
+        if self.feature_precision not in PRECISIONS:
+            raise ConfigError(f"unknown feature precision {self.feature_precision!r}; valid: {', '.join(PRECISIONS)}")
 
 
 GEOMETRY_PROTOCOL = {  # result ``protocol.geometry``: what the detector saw, and how its maps were evaluated
@@ -158,7 +161,7 @@ def cell_key(spec: RunSpec, config) -> str:
     parts = {"model": spec.model, "dataset": spec.dataset, "category": spec.category, "seed": spec.seed,
              "backbone": spec.backbone, "weights": spec.weights, "image_size": spec.image_size,
              "preset": spec.preset, "config": _config_part(config), **_geometry_part(spec),
-             **({"validation": spec.validation} if spec.validation else {})}
+             **({"validation": spec.validation} if spec.validation else {}), **_precision_part(spec)}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -175,6 +178,13 @@ def _geometry_part(spec: RunSpec) -> dict[str, str]:
     """The geometry as a key part; squash, the only geometry before the option, is left out so keys made before it
     (cells, feature caches) stay valid."""
     return {} if spec.geometry == "squash" else {"geometry": spec.geometry}
+
+
+def _precision_part(spec: RunSpec) -> dict[str, str]:
+    """The feature precision as a key part; fp32, the CPU's only precision before the option, is left out so keys
+    made before it stay valid (CUDA runs made before it used fp16 autocast: their results record no precision, and
+    ``results.device_label`` says fp16 for them)."""
+    return {} if spec.feature_precision == "fp32" else {"feature_precision": spec.feature_precision}
 
 
 def seed_everything(seed: int) -> None:
@@ -230,8 +240,8 @@ def keep_freed_memory() -> str:
     return _MALLOC_TUNED
 
 
-def environment(device: torch.device) -> dict[str, Any]:
-    """Versions and hardware, recorded in every result."""
+def environment(device: torch.device, feature_precision: str = "fp32") -> dict[str, Any]:
+    """Versions, hardware and the features' precision, recorded in every result."""
     versions = {"python": platform.python_version()}
     packages = ("adbench", "torch", "torchvision", "timm", "FrEIA", "torchmetrics", "submitit", "numpy", "scikit-learn",
                 "scipy")
@@ -240,7 +250,8 @@ def environment(device: torch.device) -> dict[str, Any]:
             versions[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
             versions[pkg] = None
-    dev = {"type": device.type, "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
+    dev = {"type": device.type, "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+           "feature_precision": feature_precision}
     if device.type == "cuda":
         dev["name"] = torch.cuda.get_device_name(device)
     return {"versions": versions, "device": dev, "platform": platform.platform(), "malloc": keep_freed_memory()}
@@ -286,12 +297,12 @@ def run_one(spec: RunSpec, progress: Progress = NULL_PROGRESS, *, eval_epochs: S
 
         train, held = carve(train, spec.validation)
     seed_everything(spec.seed)
-    extractor = create_extractor(spec.backbone, config.layers, spec.weights).to(device)
+    extractor = create_extractor(spec.backbone, config.layers, spec.weights, spec.feature_precision).to(device)
     key = None
     if spec.cache_dir is not None:  # only a persistent cache needs a key (it stats every training file)
         key = cache_key(backbone=spec.backbone, weights=extractor.weights_source, layers=config.layers,
                         size=spec.image_size, dataset=spec.dataset, device=device.type, files=_fingerprint(train),
-                        **_geometry_part(spec))
+                        **_geometry_part(spec), **_precision_part(spec))
     t0 = time.perf_counter()
     store, backbone_s = extract_features(extractor, train, batch_size=config.batch_size, device=device,
                                          cache_dir=spec.cache_dir, key=key, progress=progress)
@@ -368,6 +379,7 @@ def run_one(spec: RunSpec, progress: Progress = NULL_PROGRESS, *, eval_epochs: S
         "metrics": metrics,
         **({"parts": part_metrics} if part_metrics else {}),
         **({"validation": validation} if validation else {}),
+        **({"selection": detector.selection} if getattr(detector, "selection", None) else {}),  # chosen in fit
         **({"epochs": epoch_rows} if eval_epochs else {}),
         **({"measured": measured} if measured is not None else {}),
         "timing": {
@@ -388,7 +400,7 @@ def run_one(spec: RunSpec, progress: Progress = NULL_PROGRESS, *, eval_epochs: S
             "aupr": "average precision (step-wise)", "aupro": "exact MVTec AD definition, FPR limit 0.3",
             **detector.protocol(),
         },
-        **environment(device),
+        **environment(device, spec.feature_precision),
         "command": _command_line(),
         "started": started.isoformat(timespec="seconds"),
         "data_root": str(family.base),

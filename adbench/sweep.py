@@ -54,7 +54,7 @@ from adbench.errors import AdbenchError, ConfigError, DatasetError
 from adbench.results import _rerun_number, cell_run, load_results, run_name
 
 # RunSpec fields a grid may set (the rest is config)
-SPEC_KEYS = ("backbone", "weights", "image_size", "geometry", "preset", "validation")
+SPEC_KEYS = ("backbone", "weights", "image_size", "geometry", "preset", "validation", "feature_precision")
 GRID_KEYS = {"models", "datasets", "seeds", "categories", "overrides", "model", "slurm", "data_root", "vary", "variant"}
 SLURM_KEYS = {"gpus": 1, "cpus": 8, "mem_gb": 32, "time_min": 240, "partition": None, "array_parallelism": 64}
 EXECUTORS = ("local", "submitit-local", "slurm")
@@ -81,6 +81,7 @@ class Cell:
         sets = " ".join(f"{k}={v}" for k, v in sorted(s.overrides.items()))
         size = f"{s.image_size}" + ("" if s.geometry == "squash" else f" geometry={s.geometry}")
         size += f" validation={s.validation}" if s.validation else ""
+        size += "" if s.feature_precision == "fp32" else f" features={s.feature_precision}"
         return f"{s.backbone}@{size} weights={s.weights or 'imagenet'} preset={s.preset or '-'} {sets}".strip()
 
 
@@ -100,8 +101,10 @@ def load_grid(path: Path) -> dict[str, Any]:
         if not isinstance(grid.get(key), list) or not grid[key]:
             raise ConfigError(f"{path}: '{key}' must be a non-empty list")
     grid.setdefault("seeds", [0])
-    if not all(isinstance(s, int) and s >= 0 for s in grid["seeds"]):
-        raise ConfigError(f"{path}: 'seeds' must be a list of non-negative integers")
+    for where, seeds in [("seeds", grid["seeds"])] + [(f"[model.{m}] seeds", t["seeds"])
+                                                      for m, t in grid.get("model", {}).items() if "seeds" in t]:
+        if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds):
+            raise ConfigError(f"{path}: '{where}' must be a non-empty list of non-negative integers")
     if not isinstance(grid.get("variant", []), list):
         raise ConfigError(f"{path}: variants are written [[variant]] (an array of tables)")
     for key, values in grid.get("vary", {}).items():
@@ -146,8 +149,9 @@ def expand(grid: dict[str, Any], results_dir: Path, data_root: Path | None = Non
     vary = grid.get("vary", {})
     for model, variant, combo in itertools.product(grid["models"], grid.get("variant") or [{}],
                                                    itertools.product(*vary.values())):
-        settings = {**grid.get("overrides", {}), **grid.get("model", {}).get(model, {}), **variant,
-                    **dict(zip(vary, combo, strict=True))}
+        own = dict(grid.get("model", {}).get(model, {}))
+        seeds = own.pop("seeds", grid["seeds"])  # a [model.NAME] table may give that detector its own seeds
+        settings = {**grid.get("overrides", {}), **own, **variant, **dict(zip(vary, combo, strict=True))}
         spec_fields = {k: settings.pop(k) for k in SPEC_KEYS if k in settings}
         base = RunSpec(model=model, results_dir=Path(results_dir), data_root=data_root, overrides=settings,
                        **spec_fields)
@@ -156,7 +160,7 @@ def expand(grid: dict[str, Any], results_dir: Path, data_root: Path | None = Non
                 # the run's own config (per-category defaults included), so the key matches the one it records
                 config = resolve_config(model, base.backbone, settings, base.preset, dataset=dataset,
                                         category=category)
-                for seed in grid["seeds"]:
+                for seed in seeds:
                     spec = dataclasses.replace(base, dataset=dataset, category=category, seed=seed)
                     cells.append(Cell(spec, cell_key(spec, config), detector_code(model)[0]))
     return cells

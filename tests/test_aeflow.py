@@ -5,6 +5,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -51,7 +54,7 @@ def test_registered_with_paper_defaults():
     cfg = AEFlowConfig()
     assert (cfg.layers, cfg.flow_steps, cfg.clamp, cfg.alpha, cfg.beta) == ((3,), 8, 2.0, 0.5, 0.9)
     assert (cfg.decoder_channels, cfg.subnet, cfg.lr, cfg.weight_decay) == ((512, 256, 64), "resnet", 2e-3, 1e-4)
-    assert (cfg.batch_size, cfg.epochs) == (16, 5)
+    assert (cfg.batch_size, cfg.epochs, cfg.grad_clip) == (16, 5, 1.0)
     paper = resolve_config("aeflow", "wide_resnet50_2", preset="paper")
     assert (paper.epochs, paper.batch_size, paper.decoder_channels) == (100, 64, (512, 256, 64))
 
@@ -215,6 +218,7 @@ def test_finetune_encoder_trains_a_copy_and_keeps_the_extractor():
         ({"layers": "2,3"}, "aeflow encodes with ONE feature stage"),
         ({"decoder_channels": "0,4"}, "every decoder_channels entry must be >= 1"),
         ({"flow_steps": "0"}, "flow_steps=0 is invalid"),
+        ({"grad_clip": "-1"}, "aeflow: grad_clip=-1.0 is invalid; it must be >= 0"),
     ],
 )
 def test_bad_config_values(overrides, message):
@@ -242,3 +246,38 @@ def test_cli_run_records_the_parts(tmp_path):
     assert all(0 <= v <= 1 for p in [r["metrics"], *r["parts"].values()] for v in p.values())
     assert r["config"]["decoder_channels"] == [32, 16, 8] and r["config"]["beta"] == 0.9
     assert "S_flow" in r["protocol"]["image_score"] and list(r["loss_history"]) == ["aeflow"]
+
+
+def test_short_run_loss_never_jumps_on_synthetic_data(tmp_path):
+    """Issue 13's stability target on the built-in synthetic data, Lite0 at its defaults (grad_clip 1): from epoch 2 on,
+    no epoch's mean loss exceeds the previous one's by more than 10 %."""
+    result = CliRunner().invoke(app, ["run", "--model", "aeflow", "--category", "texture", "--image-size", "64",
+                                      "--epochs", "6", "--device", "cpu", "--no-save-maps", "--results-dir",
+                                      str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    (path,) = (tmp_path / "runs").glob("aeflow_*/result.json")
+    history = json.loads(path.read_text())["loss_history"]["aeflow"]
+    assert len(history) == 6
+    rises = [b / a for a, b in zip(history, history[1:], strict=False)]
+    assert max(rises) <= 1.10, history
+    # scripts/aeflow_steps.py (how the stabiliser was found on MTD) trains exactly as the run did
+    script = Path(__file__).parents[1] / "scripts" / "aeflow_steps.py"
+    out = subprocess.run([sys.executable, str(script), "--dataset", "synthetic", "--category", "texture",
+                          "--image-size", "64", "--epochs", "6", "--jump", "1e9"], capture_output=True, text=True,
+                         check=True).stdout
+    means = [json.loads(line)["mean_loss"] for line in out.splitlines()]
+    assert means == pytest.approx(history, rel=1e-5)
+
+
+@pytest.mark.parametrize("clip, expected", [("1.0", 1.0), ("0", None)])
+def test_grad_clip_reaches_the_training_stage(monkeypatch, clip, expected):
+    """The stabiliser is the shared loop's gradient-norm clipping (0 = the paper's plain Adam)."""
+    import adbench.models.aeflow as aeflow_module
+
+    seen = []
+    monkeypatch.setattr(aeflow_module, "run_stage", lambda stage, progress: seen.append(stage.grad_clip) or [1.0])
+    monkeypatch.setattr(aeflow_module.AEFlow, "calibrate", lambda self, features: None)
+    model = make({"epochs": 1, "grad_clip": clip})
+    images = smooth_images(4, 32)
+    model.fit(FeatureStore([t.clone() for t in model.extractor(images)]), images=images)
+    assert seen == [expected]

@@ -10,14 +10,18 @@ import numpy as np
 import pytest
 import torch
 
-from adbench.errors import ConfigError
+import adbench.models.cflow as cflow_module
+from adbench.errors import ConfigError, TrainingError
 from adbench.features import FeatureStore, create_extractor
 from adbench.models import create_model, resolve_config
 from adbench.models.cflow import (
     CFlowConfig,
+    block_parts,
     build_flow,
+    coupling_log_prob,
     fiber_loss,
     fused_log_prob,
+    hard_permutations,
     log_prob_per_dim,
     positional_encoding_2d,
 )
@@ -116,6 +120,73 @@ def test_fused_inference_equals_freia(soft):
         reference = log_prob_per_dim(z, log_jac).reshape(5, 12)
         for rows in (1, 24, 30, 10_000):  # chunks of 1, 2 (uneven tail) and all images
             assert torch.allclose(fused_log_prob(flow, feat, pos, rows=rows), reference, atol=1e-5)
+
+
+@pytest.mark.parametrize("soft", [False, True])
+def test_fused_training_loss_and_gradients_equal_freia(soft):
+    """The training step's loss on a fiber batch (positions drawn at random, conditions zeroed or not) and its
+    gradient with respect to every parameter are FrEIA's, away from the initialisation."""
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(CFlowConfig(), coupling_blocks=3, condition_dims=8, permute_soft=soft)
+    flow = build_flow(7, cfg)
+    with torch.no_grad():
+        for p in flow.parameters():
+            p += 0.2 * torch.randn_like(p) if p.requires_grad else 0
+    params = [p for p in flow.parameters() if p.requires_grad]
+    x, where = torch.randn(64, 7), torch.randint(0, 12, (64,))
+    for pos in (positional_encoding_2d(8, 3, 4), torch.zeros(8, 3, 4)):
+        losses, grads = [], []
+        for fused in (True, False):
+            if fused:
+                log_p = coupling_log_prob(x, block_parts(flow, pos, hard_permutations(flow), where))
+            else:
+                log_p = log_prob_per_dim(*flow(x, c=[pos.flatten(1).T[where]]))
+            losses.append(fiber_loss(log_p, "logsigmoid"))
+            grads.append(torch.autograd.grad(losses[-1], params))
+        assert torch.allclose(losses[0], losses[1], atol=1e-6)
+        for g, h in zip(*grads, strict=True):
+            assert torch.allclose(g, h, atol=1e-5, rtol=1e-4)
+
+
+def test_fused_training_follows_the_freia_trajectory(monkeypatch):
+    """The same fibers in the same order, the same step losses and the same trained parameters (to float rounding) as
+    training the FrEIA flows fiber by fiber; the NaN guard still names the epoch and the step."""
+    steps: list[list[float]] = []  # the loss of every step, per fit
+
+    def recording(stage, progress):
+        loss, steps_of_fit = stage.loss, []
+
+        def recorded(batch):
+            value = loss(batch)
+            steps_of_fit.append(float(value.detach()))
+            return value
+
+        stage.loss = recorded
+        steps.append(steps_of_fit)
+        return run_stage(stage, progress)
+
+    run_stage = cflow_module.run_stage
+    monkeypatch.setattr(cflow_module, "run_stage", recording)
+    torch.manual_seed(0)
+    cfg = resolve_config("cflow", "resnet18", {"coupling_blocks": 2, "epochs": 2, "batch_size": 2, "lr": "2e-3",
+                                               "condition_dims": 16, "fiber_batch": 64})
+    ext = create_extractor("resnet18", cfg.layers, "random")
+    model = create_model("cflow", ext, 64, cfg)
+    reference = copy.deepcopy(model)
+    feats = [f.clone() for f in ext(torch.rand(4, 3, 64, 64))]
+    reference.fused = False
+    histories = []
+    for m in (model, reference):
+        torch.manual_seed(1)
+        histories.append(m.fit(FeatureStore(feats))["cflow"])
+    assert len(steps[0]) == len(steps[1]) == 2 * 2 * (2 + 1 + 1)  # epochs x image batches x (64, 16, 4 positions x 2)
+    assert np.allclose(steps[0], steps[1], atol=1e-5) and steps[0][-1] < steps[0][0]
+    assert np.allclose(histories[0], histories[1], atol=1e-5)
+    for (name, p), q in zip(model.state_dict().items(), reference.state_dict().values(), strict=True):
+        assert torch.allclose(p, q, atol=1e-5), name
+    feats[1][1, 0, 2, 3] = float("nan")
+    with pytest.raises(TrainingError, match=r"loss became nan at epoch 1, step \d+ \(steps 1-\d+ checked together\)"):
+        model.fit(FeatureStore(feats))
 
 
 def test_official_normalization_uses_the_test_set_maximum(small):

@@ -1,9 +1,9 @@
-"""Oh & Kim classifier + CNF ensemble: config, decoder, stage 1 learning and freezing, stage 2, fusion, CLI."""
+"""Oh & Kim classifier + CNF ensemble: config, decoder, stage 1 learning and freezing, stage 2, fusion (its weight
+chosen on held-out training images), CLI."""
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 
 import numpy as np
@@ -18,7 +18,8 @@ from adbench.defects import DefectSynthesizer
 from adbench.errors import ConfigError
 from adbench.features import FeatureStore, create_extractor
 from adbench.models import create_model, resolve_config
-from adbench.models.clscnf import ClsCnfConfig, Decoder
+from adbench.models.clscnf import W_FE, ClsCnfConfig, Decoder
+from adbench.validation import FUSION_SCALINGS, choose_fusion, held_out_rows
 
 SIZE = 64
 
@@ -61,6 +62,9 @@ def test_defaults_follow_the_official_code_and_categories():
     assert schedule == (850, 150, 200, 16)
     assert (paper.decoder_width, paper.decoder_stride, paper.decoder_blocks) == (128, 1, (3, 6, 4, 3))
     assert paper.permute_soft and paper.baseline_cnf and paper.cls_lr == 1e-4
+    assert (cfg.fusion, cfg.fusion_holdout, cfg.fusion_scalings, cfg.fusion_tie_se) == ("validation", 0.2,
+                                                                                      FUSION_SCALINGS, 1.0)
+    assert cfg.fusion_grid[0] == 0 and set(W_FE.values()) <= set(cfg.fusion_grid)  # CNF alone and all their w
     cable = resolve_config("clscnf", "resnet18", dataset="mvtec", category="cable")
     assert (cable.classifier_weight, cable.object_mask, cable.fill_holes) == (0.05, "bright", True)
     grid = resolve_config("clscnf", "resnet18", dataset="mvtec", category="grid")
@@ -96,8 +100,16 @@ def test_bad_values_are_config_errors():
         resolve_config("clscnf", "resnet18", {"dtd_root": "/no/such/dtd"})
     with pytest.raises(ConfigError, match="in_domain_prob=1.5 is invalid"):
         resolve_config("clscnf", "resnet18", {"in_domain_prob": "1.5"})
+    for bad in ({"fusion": "best"}, {"fusion_holdout": "1.0"}, {"fusion_tie_se": "-1"}):
+        with pytest.raises(ConfigError, match="fusion must be validation or fixed"):
+            resolve_config("clscnf", "resnet18", bad)
+    for bad in ({"fusion_grid": "0,-1"}, {"fusion_scalings": "raw,zscore"}):
+        with pytest.raises(ConfigError, match="fusion_grid must be weights >= 0"):
+            resolve_config("clscnf", "resnet18", bad)
     with pytest.raises(ConfigError, match="decoder_blocks needs 2 entries"):
         tiny(decoder_blocks="1,1,1")
+    with pytest.raises(ConfigError, match="fusion_holdout 0.2 leaves 1 of 6 training images .* or --set fusion=fixed"):
+        tiny().fit(FeatureStore([torch.zeros(6, 1)]), images=texture_images(6))
     with pytest.raises(ConfigError, match="needs images"):
         tiny().fit(FeatureStore([torch.zeros(2, 1)]))
 
@@ -138,15 +150,18 @@ def test_stages_freeze_and_train_the_right_parameters(images):
     model.fit_classifier(images)
     assert same(params(model.encoder), encoder) and not same(params(model.decoder), decoder)  # frozen epochs
 
-    model = tiny(cls_frozen_epochs=1, cls_finetune_epochs=1)
+    model = tiny(cls_frozen_epochs=1, cls_finetune_epochs=1, baseline_cnf=False)  # features: unused, a dummy
     history = model.fit(FeatureStore([torch.zeros(len(images), 1)]), images=images)
     assert list(history) == ["classifier_frozen", "classifier_finetune", "cnf"]
-    assert list(model.stage_seconds) == ["classifier_frozen", "classifier_finetune", "cnf_features", "cnf"]
+    assert list(model.stage_seconds) == ["classifier_frozen", "classifier_finetune", "cnf_features", "cnf", "fusion"]
     assert not same(params(model.encoder), encoder) and same(params(model.extractor), original)
     assert not any(p.requires_grad for p in model.encoder.parameters())
     assert model.cnf.extractor is model.encoder  # stage 2 runs on the fine-tuned encoder
-    # trained in fp32, so on CUDA it also runs in fp32 (no fp16 autocast) for the CNFs and predict; the shared one may
-    assert not model.encoder.half_on_cuda and model.extractor.half_on_cuda
+    # trained in fp32, so on CUDA it also runs in fp32 (no fp16 autocast) for the CNFs and predict, whatever the
+    # shared one's precision
+    shared = copy.deepcopy(model.extractor)
+    shared.precision = "fp16"
+    assert model.encoder.precision == create_model("clscnf", shared, SIZE, model.config).encoder.precision == "fp32"
 
     encoder, decoder, flows = params(model.encoder), params(model.decoder), params(model.cnf.flows)
     model.fit_cnf(images)
@@ -155,7 +170,7 @@ def test_stages_freeze_and_train_the_right_parameters(images):
 
 
 def test_fusion_arithmetic_and_parts(images):
-    model = tiny(baseline_cnf=True)
+    model = tiny(baseline_cnf=True, fusion="fixed")
     store = FeatureStore([f.clone() for f in model.extractor(images)])
     history = model.fit(store, images=images)
     assert list(history)[-1] == "cnf_imagenet"
@@ -170,10 +185,15 @@ def test_fusion_arithmetic_and_parts(images):
     assert torch.equal(pred.score, pred.anomaly_map.flatten(1).amax(1))
     assert torch.equal(cls_score, cls_map.flatten(1).amax(1)) and torch.equal(cnf_score, cnf_map.flatten(1).amax(1))
     heavy = copy.deepcopy(model)
-    heavy.config = dataclasses.replace(model.config, classifier_weight=3.0)
-    assert torch.allclose(heavy.predict(test).anomaly_map, cnf_map + 3.0 * cls_map, atol=1e-5)
+    heavy.fusion_params.copy_(torch.tensor([3.0, 0.5, 2.0, 0.1, 4.0]))  # w, then CNF and classifier mean, std
+    assert torch.allclose(heavy.predict(test).anomaly_map, (cnf_map - 0.5) / 2 + 3.0 * (cls_map - 0.1) / 4, atol=1e-5)
     base = model.baseline.predict(test)  # the ImageNet-feature CNFs alone, through CFLOW's own predict
     assert torch.allclose(pred.parts["cnf_imagenet"][1], base.anomaly_map, atol=1e-5)
+    heavy.fuse_imagenet.fill_(True)  # chosen on the held-out images: the ImageNet-feature CNF joins the classifier
+    imagenet_map = pred.parts["cnf_imagenet"][1]
+    assert torch.allclose(heavy.predict(test).anomaly_map, (imagenet_map - 0.5) / 2 + 3.0 * (cls_map - 0.1) / 4,
+                          atol=1e-5)
+    assert "CNF (ImageNet features)" in heavy.protocol()["fusion"]
     assert "procedural textures replace DTD" in model.protocol()["synthetic_defects"]
 
 
@@ -185,9 +205,140 @@ def test_cli_run_on_the_synthetic_default(tmp_path):
     (path,) = (tmp_path / "runs").glob("clscnf_*_synthetic_object_s0/result.json")
     r = json.loads(path.read_text())
     keys = {"image_auroc", "image_aupr", "pixel_auroc", "pixel_aupr", "aupro"}
-    assert set(r["parts"]) == {"classifier", "cnf"} and all(set(m) == keys for m in r["parts"].values())
+    assert set(r["parts"]) == {"classifier", "cnf", "cnf_imagenet"}
+    assert all(set(m) == keys for m in r["parts"].values())
     assert all(0 <= v <= 1 for m in [r["metrics"], *r["parts"].values()] for v in m.values())
     assert r["config"]["object_mask"] == "bright" and r["config"]["coupling_blocks"] == 2
-    assert set(r["timing"]["fit_stages_s"]) == {"classifier_frozen", "classifier_finetune", "cnf_features", "cnf"}
-    assert list(r["loss_history"]) == ["classifier_frozen", "classifier_finetune", "cnf"]
+    assert set(r["timing"]["fit_stages_s"]) == {"classifier_frozen", "classifier_finetune", "cnf_features", "cnf",
+                                                "cnf_imagenet", "fusion"}
+    assert list(r["loss_history"]) == ["classifier_frozen", "classifier_finetune", "cnf", "cnf_imagenet"]
+    assert r["selection"]["fusion"]["cnf"] in ("finetuned", "imagenet")
+    assert all(len(v) == 1 for v in r["loss_history"].values())
     assert "procedural" in r["protocol"]["synthetic_defects"]
+    # the fusion weight: chosen on held-out training images, every candidate's held-out AUROC and each part's recorded
+    fusion = r["selection"]["fusion"]
+    assert fusion["how"].startswith("validation") and r["config"]["fusion"] == "validation"
+    assert fusion["n_held_out"] == round(0.2 * r["n_train"])
+    assert fusion["n_trained"] + fusion["n_held_out"] == r["n_train"]
+    assert 0 < fusion["n_defective"] <= fusion["n_held_out"]
+    grid = [f"{w:g}" for w in r["config"]["fusion_grid"]]
+    assert set(fusion["candidates"]) == {"raw", "standardised"} and all(list(c) == grid
+                                                                        for c in fusion["candidates"].values())
+    assert fusion["image_auroc"] == fusion["candidates"][fusion["scaling"]][f"{fusion['weight']:g}"]
+    assert fusion["image_auroc"] >= fusion["best_image_auroc"] - fusion["tie_margin"] - 1e-12
+    assert fusion["best_image_auroc"] == max(v for c in fusion["candidates"].values() for v in c.values())
+    fused_cnf = "cnf" if fusion["cnf"] == "finetuned" else "cnf_imagenet"  # w = 0: that CNF alone
+    assert set(fusion["alone"]) == {"cnf", "classifier", "cnf_imagenet"}
+    assert fusion["alone"][fused_cnf] == fusion["candidates"]["raw"]["0"]
+    assert f"+ {fusion['weight']:g} x" in r["protocol"]["fusion"] and "held-out" in r["protocol"]["fusion"]
+
+
+GRID = ClsCnfConfig().fusion_grid
+
+
+def spotted(n: int, defective: np.ndarray, g: torch.Generator, strength: float = 1.0) -> torch.Tensor:
+    """[n, 16, 16] Gaussian noise maps (std 0.5) with a 4x4 spot of +``strength`` on the rows marked defective."""
+    maps = torch.randn(n, 16, 16, generator=g) * 0.5
+    for i in np.flatnonzero(defective):
+        y, x = torch.randint(0, 12, (2,), generator=g).tolist()
+        maps[i, y : y + 4, x : x + 4] += strength
+    return maps
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_fusion_weight_follows_the_informative_map(seed):
+    g = torch.Generator().manual_seed(seed)
+    labels = np.r_[np.zeros(40, int), np.ones(40, int)]
+    useful, noise = spotted(80, labels == 1, g), torch.rand(80, 16, 16, generator=g)
+    # a classifier map of pure noise: the CNF alone (a plain argmax picks a w > 0 for 4 of 10 such seeds)
+    choice = choose_fusion(useful, noise, labels, GRID, names=("cnf", "classifier"))
+    assert (choice["weight"], choice["scaling"]) == (0.0, "raw") and choice["image_auroc"] == choice["alone"]["cnf"]
+    assert choice == choose_fusion(useful, noise, labels, GRID, names=("cnf", "classifier"))  # deterministic
+    exact = choose_fusion(useful, noise, labels, GRID, tie_se=0)
+    assert exact["image_auroc"] == exact["best_image_auroc"] >= choice["image_auroc"]  # the plain argmax
+    # a useless CNF map: the classifier leads
+    choice = choose_fusion(torch.randn(80, 16, 16, generator=g) * 0.5, useful, labels, GRID)
+    assert choice["weight"] >= 2 and choice["alone"]["extra"] > 0.85 > 0.65 > choice["alone"]["base"]
+    # each part sees half the defects, and the classifier's map is 1000x smaller: a raw w of at most 10 cannot use
+    # it; standardised maps can, and the fusion beats both parts
+    kind = np.r_[np.zeros(40, int), np.tile([1, 2], 20)]
+    cnf, cls = spotted(80, kind == 1, g, 1.5), spotted(80, kind == 2, g, 1.5) * 1e-3
+    choice = choose_fusion(cnf, cls, labels, GRID, names=("cnf", "classifier"))
+    assert choice["scaling"] == "standardised" and choice["weight"] > 0
+    assert choice["image_auroc"] > max(choice["alone"].values()) + 0.05
+    assert max(choice["candidates"]["raw"].values()) < choice["alone"]["cnf"] + 0.02
+    assert choice["stats"]["classifier"]["std"] == pytest.approx(5e-4, rel=0.2) and choice["affine"] == [
+        *choice["stats"]["cnf"].values(), *choice["stats"]["classifier"].values()]
+    with pytest.raises(ConfigError, match="needs normal and defective validation images"):
+        choose_fusion(cnf, cls, np.zeros(80, int), GRID)
+
+
+def test_held_out_images_are_never_trained_on(images, monkeypatch):
+    torch.manual_seed(1)
+    keep, held = held_out_rows(len(images), 0.2)
+    torch.manual_seed(2)
+    assert all(np.array_equal(a, b) for a, b in zip((keep, held), held_out_rows(len(images), 0.2), strict=True))
+    assert len(held) == 3 and not set(keep) & set(held) and len(keep) + len(held) == len(images)
+    model = tiny(baseline_cnf=True)
+    seen: dict[str, list] = {}
+
+    def spy(name, method):
+        def call(*args, **kwargs):
+            seen.setdefault(name, []).append(args[0])
+            return method(*args, **kwargs)
+        monkeypatch.setattr(model, name, call)
+
+    for name in ("fit_classifier", "fit_cnf", "select_fusion"):
+        spy(name, getattr(model, name))
+
+    def baseline_fit(features, progress):
+        seen["baseline"] = [features]
+        return {"cflow": []}
+
+    monkeypatch.setattr(model.baseline, "fit", baseline_fit)
+    store = FeatureStore([torch.arange(len(images), dtype=torch.float32).view(-1, 1)])  # row i holds i
+    model.fit(store, images=images)
+    assert torch.equal(seen["fit_classifier"][0], images[keep]) and torch.equal(seen["fit_cnf"][0], images[keep])
+    assert torch.equal(seen["select_fusion"][0], images[held])
+    assert seen["baseline"][0].tensors[0].flatten().long().tolist() == keep.tolist()
+    fusion = model.selection["fusion"]
+    assert (fusion["n_trained"], fusion["n_held_out"]) == (len(keep), len(held))
+    assert set(fusion["alone"]) == {"cnf", "classifier", "cnf_imagenet"}  # the ImageNet-feature CNF, same set
+    assert fusion["cnf"] == ("imagenet" if model.fuse_imagenet else "finetuned")  # the higher held-out AUROC
+    assert fusion["image_auroc"] == max(fusion["cnf_image_auroc"].values())
+
+
+def test_fusion_weight_is_chosen_from_the_grid_deterministically(images):
+    grid = (0.0, 0.5, 4.0)
+
+    def trained():
+        np.random.seed(0)  # FrEIA draws its permutations from numpy
+        model = tiny(fusion_grid="0,0.5,4", baseline_cnf=False)  # and tiny seeds torch: the same training every time
+        model.fit(FeatureStore([torch.zeros(len(images), 1)]), images=images)
+        return model
+
+    first, second = trained(), trained()
+    a, b = first.selection["fusion"], second.selection["fusion"]
+    assert a == b and a["weight"] in grid and list(a["candidates"]["raw"]) == ["0", "0.5", "4"]
+    assert first.fusion_params.tolist() == [a["weight"], *a["affine"]]
+    first.eval()
+    pred = first.predict(texture_images(3))
+    (_, cnf_map), (_, cls_map) = pred.parts["cnf"], pred.parts["classifier"]
+    m_c, s_c, m_k, s_k = a["affine"]
+    assert torch.allclose(pred.anomaly_map, (cnf_map - m_c) / s_c + a["weight"] * (cls_map - m_k) / s_k, atol=1e-4)
+
+
+def test_preset_paper_keeps_their_fixed_weight_and_trains_on_every_image(images):
+    for category, w in (("cable", 0.05), ("zipper", 0.15), ("grid", 1.0)):
+        paper = resolve_config("clscnf", "resnet18", preset="paper", dataset="mvtec", category=category)
+        assert (paper.fusion, paper.classifier_weight) == ("fixed", w)
+    assert resolve_config("clscnf", "resnet18", preset="paper", dataset="btad", category="02").classifier_weight == 0.05
+    assert resolve_config("clscnf", "resnet18", dataset="mvtec", category="cable").fusion == "validation"
+    model = tiny(fusion="fixed", classifier_weight="0.3", baseline_cnf=False)
+    model.fit(FeatureStore([torch.zeros(len(images), 1)]), images=images)
+    assert model.selection["fusion"] == {"how": "fixed: classifier_weight (their W_FE for MVTec/BTAD), raw sum",
+                                         "weight": 0.3, "scaling": "raw", "n_trained": len(images)}
+    assert "fusion" not in model.stage_seconds and "+ 0.3 x classifier" in model.protocol()["fusion"]
+    model.eval()
+    pred = model.predict(texture_images(2))
+    assert torch.allclose(pred.anomaly_map, pred.parts["cnf"][1] + 0.3 * pred.parts["classifier"][1])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -97,3 +99,41 @@ def test_feature_store_memory_disk_and_persistent_cache(tmp_path):
     assert [len(b[0]) for b in batches] == [4, 2]
     seen = torch.cat([b[1] for b in batches]).flatten(1).sum(1).sort().values
     assert torch.allclose(seen, mem.tensors[1].flatten(1).sum(1).sort().values)
+
+
+def test_feature_precision_fp16_rounds_fp32_is_default_and_both_are_recorded(tmp_path):
+    """fp32 features by default; fp16 (CUDA autocast, on the CPU the outputs rounded) changes them beyond fp32
+    rounding, is part of the cell key and recorded in the result; an unknown precision is a one-line error."""
+    from typer.testing import CliRunner
+
+    from adbench.cli import app
+    from adbench.models import resolve_config
+    from adbench.results import device_label
+    from adbench.runner import RunSpec, cell_key
+
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    full, half = (create_extractor("tf_efficientnet_lite0", (2, 3), precision=p)(x) for p in ("fp32", "fp16"))
+    assert [f.dtype for f in half] == [torch.float32] * 2
+    assert all(torch.equal(h, h.half().float()) for h in half)  # representable in fp16
+    gap = max(float(((h - f).abs() / f.abs().clamp_min(1e-3)).max()) for h, f in zip(half, full, strict=True))
+    assert 1e-5 < gap < 1e-2  # far above fp32 rounding (~1e-7), within fp16's
+    with pytest.raises(ConfigError, match="unknown feature precision 'fp8'; valid: fp32, fp16"):
+        create_extractor("tf_efficientnet_lite0", (2,), precision="fp8")
+    config = resolve_config("fastflow", "tf_efficientnet_lite0", {}, None, dataset="synthetic", category="pattern")
+    spec = RunSpec(dataset="synthetic", category="pattern")
+    assert cell_key(spec, config) != cell_key(RunSpec(dataset="synthetic", category="pattern",
+                                                      feature_precision="fp16"), config)
+    assert device_label({"type": "cuda", "name": "H200"}) == "H200, fp16 features"  # CUDA runs before the option
+    assert device_label({"type": "cpu", "threads": 2, "feature_precision": "fp32"}) == "CPU (2 threads)"
+    make_mvtec(tmp_path / "data" / "mvtec", categories=("bottle",))
+    for precision in ("fp16", "fp8"):
+        result = CliRunner().invoke(app, ["run", "--model", "fastflow", "--dataset", "mvtec", "--category", "bottle",
+                                          "--data-root", str(tmp_path / "data"), "--image-size", "64", "--epochs",
+                                          "1", "--set", "flow_steps=2", "--device", "cpu", "--results-dir",
+                                          str(tmp_path / "out"), "--feature-precision", precision])
+        assert result.exit_code == (0 if precision == "fp16" else 1), result.output
+        if precision == "fp8":
+            assert result.exit_code != 0 and "unknown feature precision 'fp8'" in result.output
+            assert len(result.output.strip().splitlines()) == 1
+    (path,) = (tmp_path / "out" / "runs").glob("*/result.json")
+    assert json.loads(path.read_text())["device"]["feature_precision"] == "fp16"

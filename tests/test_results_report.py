@@ -15,12 +15,12 @@ from adbench.results import load_results, results_frame, write_run
 
 
 def fake(model="fastflow", dataset="mtd", category="mtd", seed=0, auroc: float | None = 0.9,
-         backbone="tf_efficientnet_lite0", speed=5.0, device=None, code: str | None = None):
+         backbone="tf_efficientnet_lite0", speed=5.0, device=None, code: str | None = None, **more):
     m = {"image_auroc": auroc, "pixel_auroc": 0.8, "image_aupr": 0.7, "pixel_aupr": 0.3, "aupro": 0.6}
     return {"model": model, "dataset": dataset, "category": category, "seed": seed, "backbone": backbone,
             "image_size": 256, "metrics": m, "timing": {"fit_s": 10.0, "test_images_per_s": speed},
             "device": device or {"type": "cpu", "cpu": "x86_64", "threads": 2},
-            **({"code": {"adbench": "0.1.0", "detector": code}} if code else {})}
+            **({"code": {"adbench": "0.1.0", "detector": code}} if code else {}), **more}
 
 
 def put(tmp_path, **kw):
@@ -281,3 +281,18 @@ def test_epoch_sweep_tables_are_what_the_script_prints_from_its_csvs():
     expected = [markdown(pd.read_csv(REPO / "results" / "sweeps" / f"{m}_tf_efficientnet_lite0_mtd_256_s0.csv"))
                 for m in ("fastflow", "cflow")]
     assert _tables((REPO / "results" / "epoch_sweeps.md").read_text()) == [t.strip() for t in expected]
+
+
+def test_settings_chosen_in_fit_are_reported_per_run(tmp_path):
+    """A detector's own held-out choice (result ``selection``, e.g. CLS+CNF's fusion weight) gets a row per seed."""
+    sel = {"fusion": {"how": "validation: ...", "weight": 0.3, "scaling": "standardised", "image_auroc": 0.91,
+                      "alone": {"cnf": 0.88, "classifier": 0.7}}}
+    for seed, w in ((0, 0.3), (1, 2.0)):
+        put(tmp_path, model="clscnf", seed=seed, selection={"fusion": {**sel["fusion"], "weight": w}})
+    put(tmp_path, model="cflow", seed=0)
+    text = build_report(tmp_path)
+    section = text.split("## Settings chosen on held-out training images")[1].split("\n## ")[0]
+    rows = [line for line in section.splitlines() if line.startswith("| mtd")]
+    assert len(rows) == 2 and "w = 0.3, standardised" in rows[0] and "w = 2, standardised" in rows[1]
+    assert "91.0" in rows[0] and "cnf 88.0, classifier 70.0" in rows[0] and "| validation" in rows[0]
+    assert "cflow" not in section

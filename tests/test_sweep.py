@@ -76,6 +76,11 @@ def test_vary_expands_every_combination_and_validation_is_part_of_the_key(tmp_pa
         ("squash", 1), ("pad", 1), ("squash", 2)]
     with pytest.raises(ConfigError, match=r"\[vary\] epochs must be a non-empty list"):
         load_grid(grid_file(tmp_path, TINY + "[vary]\nepochs = 3\n"))
+    own = expand(load_grid(grid_file(tmp_path, TINY.replace('["texture", "pattern"]', '["texture"]')
+                                     + '[model.fastflow]\nseeds = [0, 1, 2]\n')), tmp_path / "res")
+    assert [c.spec.seed for c in own] == [0, 1, 2] and "seeds" not in own[0].spec.overrides
+    with pytest.raises(ConfigError, match=r"'\[model.fastflow\] seeds' must be a non-empty list"):
+        load_grid(grid_file(tmp_path, TINY + "[model.fastflow]\nseeds = 2\n"))
 
 
 @pytest.mark.parametrize("text, error, match", [

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import copy
+
+import numpy as np
+import pytest
 import torch
 
+from adbench.errors import TrainingError
 from adbench.train import Stage, run_stage
 
 
@@ -25,3 +30,59 @@ def test_runs_keep_freed_memory_and_record_it():
 
     expected = "glibc mmap and trim thresholds 1 GiB" if platform.libc_ver()[0] == "glibc" else "default"
     assert keep_freed_memory() == expected and environment(torch.device("cpu"))["malloc"] == expected
+
+
+def test_stage_matches_the_straightforward_loop_and_checks_losses_in_windows():
+    """Fused Adam and losses read every ``check_every`` steps: the same step losses, epoch means and parameters as
+    plain Adam with a host read of every loss (schedule, weight decay and clipping included)."""
+    torch.manual_seed(0)
+    data = [(torch.randn(16, 5), torch.randn(16, 1)) for _ in range(150)]
+    net = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+    reference = copy.deepcopy(net)
+    settings = {"epochs": 3, "lr": 1e-2, "weight_decay": 1e-3, "grad_clip": 1.0, "lr_factor": lambda e: 0.5 ** e}
+    steps = []
+
+    def loss(batch):
+        steps.append(float((value := torch.nn.functional.mse_loss(net(batch[0]), batch[1])).detach()))
+        return value
+
+    history = run_stage(Stage(name="t", params=list(net.parameters()), loss=loss, batches=lambda epoch: data,
+                              **settings))
+    opt = torch.optim.Adam(reference.parameters(), lr=1e-2, weight_decay=1e-3, foreach=False)
+    expected, means = [], []
+    for epoch in range(3):
+        opt.param_groups[0]["lr"] = 1e-2 * 0.5 ** epoch
+        for x, y in data:
+            value = torch.nn.functional.mse_loss(reference(x), y)
+            opt.zero_grad()
+            value.backward()
+            torch.nn.utils.clip_grad_norm_(list(reference.parameters()), 1.0)
+            opt.step()
+            expected.append(float(value.detach()))
+        means.append(sum(expected[-len(data) :]) / len(data))
+    assert np.allclose(steps, expected, atol=1e-5) and np.allclose(history, means, atol=1e-5)
+    for p, q in zip(net.parameters(), reference.parameters(), strict=True):
+        assert torch.allclose(p, q, atol=1e-5)
+    # the epoch mean is the mean of the step losses, whatever the windows (150 steps = 64 + 64 + 22)
+    assert history == pytest.approx([sum(steps[i : i + 150]) / 150 for i in (0, 150, 300)], rel=1e-12, abs=0)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nan_guard_names_the_epoch_the_step_and_the_window(bad):
+    param = torch.nn.Parameter(torch.zeros(1))
+    calls = []
+
+    def loss(batch):
+        epoch, step = batch
+        calls.append(batch)
+        return 0 * param.sum() + (bad if (epoch, step) == (1, 69) else 1.0)
+
+    stage = Stage(name="t", params=[param], loss=loss, epochs=3, lr=0.1,
+                  batches=lambda epoch: [(epoch, step) for step in range(100)])
+    with pytest.raises(TrainingError, match=rf"t: loss became {bad} at epoch 2, step 70 \(steps 65-100 checked "):
+        run_stage(stage)
+    assert calls[-1] == (1, 99) and stage.history == [1.0]  # found at the epoch's end; epoch 3 never starts
+    stage = Stage(name="t", params=[param], loss=lambda batch: param.sum() + float("nan"), epochs=1, lr=0.1,
+                  batches=lambda epoch: range(200), check_every=64)
+    with pytest.raises(TrainingError, match=r"at epoch 1, step 1 \(steps 1-64 checked together\)"):
+        run_stage(stage)
