@@ -94,7 +94,8 @@ def column_labels(results: list[dict], named: list[dict] | None = None) -> list[
         for f in fields[r.get("model")]:
             key = (r.get("model"), r.get("dataset"), r.get("category"), f)
             values.setdefault(key, set()).add(_shown(flat.get(f, ABSENT)))
-    differ = {m: sorted(f for f in fs if any(len(v) > 1 for k, v in values.items() if k[0] == m and k[3] == f))
+    differ = {m: _fewest_fields(m, sorted(f for f in fs if any(len(v) > 1 for k, v in values.items()
+                                                              if k[0] == m and k[3] == f)), results, settings)
               for m, fs in fields.items()}
     labels = []
     for r, flat, more in zip(results, settings, named or [{}] * len(results), strict=True):
@@ -103,6 +104,21 @@ def column_labels(results: list[dict], named: list[dict] | None = None) -> list[
                           + [f"{f}={_shown(v)}" for f, v in more.items()])
         labels.append(model + (f" ({shown})" if shown else "") + (" (reference)" if is_reference(model) else ""))
     return labels
+
+
+def _fewest_fields(model, fields: list[str], results: list[dict], settings: list[dict]) -> list[str]:
+    """Of the ``fields`` that set ``model``'s runs apart, a few that still tell every distinct setting apart, in their
+    sorted order: picked greedily, each time the one splitting the runs into the most groups (ties: a field every run
+    records, then the name), so an option added later does not name every one of its siblings in the label."""
+    rows = [tuple(_shown(flat.get(f, ABSENT)) for f in fields)
+            for r, flat in zip(results, settings, strict=True) if r.get("model") == model]
+    chosen: list[int] = []
+    while len({tuple(row[i] for i in chosen) for row in rows}) < len(set(rows)):
+        def split(i: int) -> tuple:
+            groups = len({tuple(row[j] for j in [*chosen, i]) for row in rows})
+            return groups, all(row[i] != ABSENT for row in rows), -i
+        chosen.append(max((i for i in range(len(fields)) if i not in chosen), key=split))
+    return [fields[i] for i in sorted(chosen)]
 
 
 def is_reference(model: str) -> bool:

@@ -76,7 +76,7 @@ def main() -> None:
             loss.backward()
             norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf"))
             opt.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             if losses[-1] > args.jump:
                 worst = int(nll.argmax())
                 print(json.dumps({"epoch": epoch + 1, "step": step, "loss": round(losses[-1], 3),

@@ -160,14 +160,15 @@ def shrink_grid(path: Path, out: Path) -> str:
     small = {"clscnf": {"coupling_blocks": 2, "cls_frozen_epochs": 1, "cls_finetune_epochs": 1},
              "cflow": {"coupling_blocks": 2}}.get(model, {"flow_steps": 2})
     first = {k: v[0] for k, v in grid.get("vary", {}).items()}  # the first variant and the first varied values
-    settings = {**grid.get("overrides", {}), **grid.get("model", {}).get(model, {}), **(grid.get("variant") or [{}])[0],
+    own = {k: v for k, v in grid.get("model", {}).get(model, {}).items() if k != "seeds"}
+    settings = {**grid.get("overrides", {}), **own, **(grid.get("variant") or [{}])[0],
                 **first, "image_size": 64, "epochs": 1, **small}
     lines = [f"models = [{json.dumps(model)}]", f"datasets = {json.dumps(grid['datasets'])}",
              f"seeds = [{grid['seeds'][0]}]", "[overrides]"] + [f"{k} = {json.dumps(v)}" for k, v in settings.items()]
     out.write_text("\n".join(lines) + "\n")
     dry, text = invoke(["sweep", str(path), "--dry-run"])
-    n_cells = len(grid["models"]) * len(grid["seeds"]) * len(grid.get("variant") or [{}]) * math.prod(
-        len(v) for v in grid.get("vary", {}).values())
+    seeds = sum(len(grid.get("model", {}).get(m, {}).get("seeds", grid["seeds"])) for m in grid["models"])
+    n_cells = seeds * len(grid.get("variant") or [{}]) * math.prod(len(v) for v in grid.get("vary", {}).values())
     assert dry.exit_code == 0 and f"{n_cells} cells" in text, text
     return str(out)
 
@@ -182,12 +183,18 @@ def test_readme_script_runs(command, tmp_path, real_data_root):
     args = shlex.split(command)[1:]
     script = Path(args[0]).name
     args += {"epoch_sweep.py": ["--image-size", "64", "--epochs", "1,2", "--out", str(tmp_path)],
-             "roofline.py": ["--image-size", "64", "--batch", "4"]}[script]
+             "roofline.py": ["--image-size", "64", "--batch", "4"],
+             "aeflow_steps.py": ["--dataset", "synthetic", "--category", "texture", "--image-size", "64", "--epochs",
+                                 "2"]}[script]
     env = {**os.environ, "ADBENCH_DATA": str(real_data_root)}
     proc = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     if script == "roofline.py":
         assert "backbone:" in proc.stdout and "% of it" in proc.stdout
+        return
+    if script == "aeflow_steps.py":
+        epochs = [json.loads(line) for line in proc.stdout.splitlines() if '"mean_loss"' in line]
+        assert [e["epoch"] for e in epochs] == [1, 2] and all(math.isfinite(e["mean_loss"]) for e in epochs)
         return
     (csv,) = tmp_path.glob("*.csv")
     assert csv.read_text().splitlines()[0].startswith("epoch,image_auroc") and len(csv.read_text().splitlines()) == 3
