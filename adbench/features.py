@@ -39,6 +39,13 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 PRECISIONS = {"fp32": "fp32 (no TF32 on CUDA)", "fp16": "fp16 (CUDA autocast; CPU: fp32 outputs rounded to fp16)"}
 
 
+def check_precision(precision: str) -> str:
+    """``precision`` if it is one of ``PRECISIONS``; ConfigError listing them otherwise."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"unknown feature precision {precision!r}; valid: {', '.join(PRECISIONS)}")
+    return precision
+
+
 @dataclass(frozen=True)
 class Backbone:
     """A timm architecture adbench knows, with its input normalisation and an optional offline weight source."""
@@ -128,8 +135,7 @@ class FeatureExtractor(nn.Module):
     def __init__(self, backbone: str, layers: tuple[int, ...], weights: str | None = None,
                  precision: str = "fp32") -> None:
         super().__init__()
-        if precision not in PRECISIONS:
-            raise ConfigError(f"unknown feature precision {precision!r}; valid: {', '.join(PRECISIONS)}")
+        self.precision = check_precision(precision)  # PRECISIONS; a fine-tuned copy (clscnf) is set to fp32
         spec = BACKBONES.get(backbone)
         self.backbone, self.layers = backbone, tuple(int(i) for i in layers)
         n_stages = len(timm.create_model(backbone, pretrained=False, features_only=True).feature_info)
@@ -145,7 +151,6 @@ class FeatureExtractor(nn.Module):
         self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
         self.requires_grad_(False)
         self.eval()
-        self.precision = precision  # PRECISIONS; a fine-tuned copy (clscnf) is set to fp32
 
     def _build(self, spec: Backbone, weights: str | None) -> tuple[nn.Module, str]:
         kw = {"features_only": True, "out_indices": self.layers}

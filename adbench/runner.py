@@ -31,7 +31,7 @@ import torch
 from adbench import metrics as M
 from adbench.datasets import AnomalyDataset, check_geometry, open_family, to_eval_view
 from adbench.errors import ConfigError, TrainingError
-from adbench.features import PRECISIONS, cache_key, create_extractor, extract_features
+from adbench.features import cache_key, check_precision, create_extractor, extract_features
 from adbench.models import create_model, resolve_config
 from adbench.progress import NULL_PROGRESS, Progress
 from adbench.results import check_writable, finite_or_none, mark_cell, run_name, write_run
@@ -63,8 +63,7 @@ class RunSpec:
 
     def __post_init__(self) -> None:  # a typo fails before any work (a sweep checks every cell up front)
         check_geometry(self.geometry)
-        if self.feature_precision not in PRECISIONS:
-            raise ConfigError(f"unknown feature precision {self.feature_precision!r}; valid: {', '.join(PRECISIONS)}")
+        check_precision(self.feature_precision)
 
 
 GEOMETRY_PROTOCOL = {  # result ``protocol.geometry``: what the detector saw, and how its maps were evaluated

@@ -17,13 +17,13 @@ import argparse
 import json
 
 import torch
-import torch.nn.functional as F
 
 from adbench.cli import _parse_sets
 from adbench.datasets import AnomalyDataset, open_family
 from adbench.features import create_extractor, extract_features
 from adbench.models import create_model, resolve_config
 from adbench.models.aeflow import as_unit, flow_nll_per_dim
+from adbench.models.aeflow import loss as batch_loss
 from adbench.progress import NULL_PROGRESS
 from adbench.runner import load_split, seed_everything
 from adbench.train import adam
@@ -70,14 +70,14 @@ def main() -> None:
                 for group in opt.param_groups:
                     group["lr"] = cfg.lr * min(1.0, step / args.warmup_steps)
             z, log_jac, recon = model(feats[idx])
-            nll = flow_nll_per_dim(z, log_jac)
-            loss = cfg.alpha * nll.mean() + (1 - cfg.alpha) * F.mse_loss(recon, as_unit(images[idx]) * 2 - 1)
+            loss = batch_loss(z, log_jac, recon, as_unit(images[idx]) * 2 - 1, cfg.alpha)  # fit's loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
             norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf"))
             opt.step()
             losses.append(float(loss.detach()))
             if losses[-1] > args.jump:
+                nll = flow_nll_per_dim(z.detach(), log_jac.detach())
                 worst = int(nll.argmax())
                 print(json.dumps({"epoch": epoch + 1, "step": step, "loss": round(losses[-1], 3),
                                   "grad_norm": round(float(norm), 2), "worst_image": train.index.iloc[int(idx[worst])]
