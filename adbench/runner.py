@@ -192,8 +192,9 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed)
     torch.manual_seed(seed)
     torch.cuda.manual_seed_all(seed)
-    torch.backends.cudnn.benchmark = False  # same kernels every run: reproducible on GPU too
-    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False  # same cuDNN kernels every run; on CUDA a run is still reproducible only
+    torch.backends.cudnn.deterministic = True  # to float rounding, not bit for bit: backward passes that add with
+    # atomics (index_select's, CFLOW-AD's gather) sum in any order (tests/test_gpu.py holds it to that)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -253,6 +254,7 @@ def environment(device: torch.device, feature_precision: str = "fp32") -> dict[s
            "feature_precision": feature_precision}
     if device.type == "cuda":
         dev["name"] = torch.cuda.get_device_name(device)
+        dev["index"] = device.index if device.index is not None else torch.cuda.current_device()  # which GPU
     return {"versions": versions, "device": dev, "platform": platform.platform(), "malloc": keep_freed_memory()}
 
 

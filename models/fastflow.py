@@ -4,7 +4,8 @@ There is no official code; defaults follow the best-known reproduction, gathierr
 ``configs/*.yaml``, ``constants.py``), from which anomalib's FastFlow is derived.
 
 - features: the last layer of each of the first three stages (strides 4, 8, 16), a trainable LayerNorm over
-  [C, H, W] on each ("unmentioned but critical", gathierry issue 3);
+  [C, H, W] on each ("unmentioned but critical", gathierry issue 3), whose affine weights are one per position
+  (``norm="channel"``: the same normalisation with one weight per channel, for tiles that are not aligned);
 - flow: FrEIA ``AllInOneBlock``s, subnet conv(k)-ReLU-conv(k) with k alternating 3x3 / 1x1 (3x3 only for small
   backbones), hidden width ``hidden_ratio * C``, affine clamp 2.0, hard permutations;
 - loss: mean over the batch of sum over scales of 0.5 * ||z||^2 - log|det J| (constant dropped, so it can be < 0);
@@ -29,6 +30,8 @@ from adbench.models._registry import Detector, Prediction, register_model
 from adbench.progress import NULL_PROGRESS, Progress
 from adbench.train import Stage, run_stage
 
+NORMS = ("layer", "channel")
+
 
 @dataclass(frozen=True)
 class FastFlowConfig:
@@ -47,13 +50,23 @@ class FastFlowConfig:
     # layer whitening each position by its training Gaussian before the LayerNorm (models/_position.py), so the flow
     # starts from PaDiM's per-position Mahalanobis distance (the map reads z only, as in the reference)
     norm_epsilon: float = 0.01  # PaDiM's regularisation of every covariance (+ 0.01 I), for position_norm
-    KEY_SKIP_AT_DEFAULT: ClassVar[tuple[str, ...]] = ("position_norm", "norm_epsilon")  # added later: runs
+    norm: str = "layer"  # gathierry fastflow.py: LayerNorm([C, H, W]), affine weights tied to each position; adbench
+    # named option "channel": GroupNorm(1, C), the same statistics with one affine weight per channel (the paper
+    # argues position-tied parts suffer on non-aligned data, and MTD's tiles are not aligned)
+    KEY_SKIP_AT_DEFAULT: ClassVar[tuple[str, ...]] = ("position_norm", "norm_epsilon", "norm")  # added later: runs
     # made before them keep their cell keys (adbench.runner._config_part)
 
     def __post_init__(self) -> None:
         if self.position_norm not in POSITION_NORMS:
             raise ConfigError(f"fastflow position_norm must be one of {', '.join(POSITION_NORMS)}, "
                               f"got {self.position_norm!r}")
+        if self.norm not in NORMS:
+            raise ConfigError(f"fastflow norm must be one of {', '.join(NORMS)}, got {self.norm!r}")
+
+
+def make_norm(shape: tuple[int, int, int], kind: str) -> nn.Module:
+    """The trainable normalisation of one [C, H, W] scale: statistics over all of it, affine per position or channel."""
+    return nn.LayerNorm(list(shape), elementwise_affine=True) if kind == "layer" else nn.GroupNorm(1, shape[0])
 
 
 def subnet_conv(kernel_size: int, hidden_ratio: float):
@@ -112,7 +125,7 @@ class FastFlow(Detector):
     def __init__(self, extractor: FeatureExtractor, image_size: int, config: FastFlowConfig) -> None:
         super().__init__(extractor, image_size, config)
         shapes = extractor.feature_shapes(image_size)
-        self.norms = nn.ModuleList(nn.LayerNorm(list(s), elementwise_affine=True) for s in shapes)
+        self.norms = nn.ModuleList(make_norm(s, config.norm) for s in shapes)
         self.flows = nn.ModuleList(build_flow(s, config) for s in shapes)
         self.position = position_layers(shapes, config.position_norm, config.norm_epsilon)  # filled by ``fit``
 

@@ -110,3 +110,25 @@ def test_position_norm_whitens_every_position_of_the_training_maps(mode):
     assert len(history) == 1 and torch.isfinite(model.predict(torch.rand(2, 3, 32, 32)).score).all()
     with pytest.raises(ConfigError, match="position_norm must be one of none, diagonal, gaussian"):
         resolve_config("fastflow", "resnet18", {"position_norm": "full"})
+
+
+def test_channel_norm_has_the_layer_norms_statistics_and_no_position_tied_weights():
+    """norm="channel": GroupNorm(1, C) normalises over [C, H, W] as the reference LayerNorm does, with one affine
+    weight per channel; so it is translation-equivariant where the LayerNorm's per-position weights are not."""
+    from adbench.models.fastflow import make_norm
+
+    shape = (4, 6, 6)
+    layer, channel = make_norm(shape, "layer"), make_norm(shape, "channel")
+    x = torch.randn(3, *shape)
+    assert torch.allclose(layer(x), channel(x), atol=1e-5)  # both at their initial affine (1, 0)
+    assert channel.weight.shape == (4,) and layer.weight.shape == shape
+    with torch.no_grad():
+        layer.weight.normal_(), channel.weight.normal_()
+    shifted = torch.roll(x, 2, dims=-1)
+    assert torch.allclose(channel(shifted), torch.roll(channel(x), 2, dims=-1), atol=1e-5)
+    assert not torch.allclose(layer(shifted), torch.roll(layer(x), 2, dims=-1), atol=1e-3)
+    cfg = resolve_config("fastflow", "resnet18", {"flow_steps": 2, "norm": "channel"})
+    model = create_model("fastflow", create_extractor("resnet18", cfg.layers, "random"), 32, cfg)
+    assert all(isinstance(n, torch.nn.GroupNorm) for n in model.norms)
+    with pytest.raises(ConfigError, match="fastflow norm must be one of layer, channel"):
+        resolve_config("fastflow", "resnet18", {"norm": "batch"})
