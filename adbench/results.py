@@ -109,14 +109,16 @@ def column_labels(results: list[dict], named: list[dict] | None = None) -> list[
 def _fewest_fields(model, fields: list[str], results: list[dict], settings: list[dict]) -> list[str]:
     """Of the ``fields`` that set ``model``'s runs apart, a few that still tell every distinct setting apart, in their
     sorted order: picked greedily, each time the one splitting the runs into the most groups (ties: a field every run
-    records, then the name), so an option added later does not name every one of its siblings in the label."""
+    records, then a detector setting before the feature precision ``features``, which the ``ran on`` column shows
+    anyway, then the name), so an option added later does not name every one of its siblings in the label, and a
+    label names the setting that made the difference."""
     rows = [tuple(_shown(flat.get(f, ABSENT)) for f in fields)
             for r, flat in zip(results, settings, strict=True) if r.get("model") == model]
     chosen: list[int] = []
     while len({tuple(row[i] for i in chosen) for row in rows}) < len(set(rows)):
         def split(i: int) -> tuple:
             groups = len({tuple(row[j] for j in [*chosen, i]) for row in rows})
-            return groups, all(row[i] != ABSENT for row in rows), -i
+            return groups, all(row[i] != ABSENT for row in rows), fields[i] != "features", -i
         chosen.append(max((i for i in range(len(fields)) if i not in chosen), key=split))
     return [fields[i] for i in sorted(chosen)]
 

@@ -296,3 +296,18 @@ def test_settings_chosen_in_fit_are_reported_per_run(tmp_path):
     assert len(rows) == 2 and "w = 0.3, standardised" in rows[0] and "w = 2, standardised" in rows[1]
     assert "91.0" in rows[0] and "cnf 88.0, classifier 70.0" in rows[0] and "| validation" in rows[0]
     assert "cflow" not in section
+
+
+def test_label_names_the_setting_before_the_feature_precision(tmp_path):
+    """Two groups apart in a detector setting and in feature precision alike: the label names the setting (the
+    ``ran on`` column shows the precision); with the setting equal, the precision tells them apart."""
+    gpu = {"type": "cuda", "name": "NVIDIA H200", "threads": 16, "feature_precision": "fp16"}
+    put(tmp_path, seed=0, device=gpu, config={"layers": [1, 2, 3]})
+    put(tmp_path, seed=0, device={"type": "cpu", "cpu": "x86_64", "threads": 2, "feature_precision": "fp32"},
+        config={"layers": [2, 3, 4]})
+    put(tmp_path, model="cflow", seed=0, device=gpu, config={"layers": [2, 3, 4]})
+    put(tmp_path, model="cflow", seed=0, device={"type": "cpu", "cpu": "x86_64", "threads": 2,
+                                                 "feature_precision": "fp32"}, config={"layers": [2, 3, 4]})
+    summary = build_report(tmp_path).split("## Summary")[1]
+    assert "fastflow (layers=[1, 2, 3])" in summary and "fastflow (layers=[2, 3, 4])" in summary
+    assert "cflow (features=fp16)" in summary and "cflow (features=fp32)" in summary
