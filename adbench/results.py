@@ -43,13 +43,16 @@ def run_geometry(result: dict) -> str:
 ABSENT = "(absent)"  # a settings field a run does not record (e.g. a config field added after it ran)
 
 
+PRECISION_FIELD = "features"  # the settings key of the backbone features' precision (``run_settings``)
+
+
 def run_settings(result: dict) -> dict:
     """What a run was set to besides its seed, dataset and category: backbone, image size, geometry, weights, preset,
     config, and the precision of the backbone's ``features`` (``feature_precision``: CUDA runs made before adbench
     recorded it used fp16)."""
     keys = ("backbone", "image_size", "weights", "preset")
     return {**{k: result.get(k) for k in keys}, "geometry": run_geometry(result),
-            "features": feature_precision(result.get("device")),
+            PRECISION_FIELD: feature_precision(result.get("device")),
             **({"validation": result["validation"]["fraction"]} if result.get("validation") else {}),
             **_later_defaults(result.get("model")), **(result.get("config") or {})}
 
@@ -118,7 +121,7 @@ def _fewest_fields(model, fields: list[str], results: list[dict], settings: list
     while len({tuple(row[i] for i in chosen) for row in rows}) < len(set(rows)):
         def split(i: int) -> tuple:
             groups = len({tuple(row[j] for j in [*chosen, i]) for row in rows})
-            return groups, all(row[i] != ABSENT for row in rows), fields[i] != "features", -i
+            return groups, all(row[i] != ABSENT for row in rows), fields[i] != PRECISION_FIELD, -i
         chosen.append(max((i for i in range(len(fields)) if i not in chosen), key=split))
     return [fields[i] for i in sorted(chosen)]
 

@@ -72,11 +72,13 @@ def bench_one(model: str, dataset: str, category: str, image_size: int, device_n
     # (every optimiser's steps; measure() and the evaluation take none: these are the fit's)
     spec = RunSpec(model=model, dataset=dataset, category=category, image_size=image_size, device=device_name,
                    overrides=overrides, save_maps=False)
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = run_one(dataclasses.replace(spec, results_dir=Path(tmp)),
-                         measure=lambda det, samples, dev: measure(det, samples, dev, n_latency))
-        r = json.loads((folder / "result.json").read_text())
-    hook.remove()
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = run_one(dataclasses.replace(spec, results_dir=Path(tmp)),
+                             measure=lambda det, samples, dev: measure(det, samples, dev, n_latency))
+            r = json.loads((folder / "result.json").read_text())
+    finally:
+        hook.remove()
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) / 2**20
     else:

@@ -62,11 +62,11 @@ def measure(model: str, args, images: torch.Tensor, peak: float) -> list[dict]:
         t_total = best_of(lambda: det.predict(images)) / batch
         roof = 1 / (t_backbone + flops / peak)
         name = {True: f"{model} (fused)", False: f"{model} (FrEIA)", None: model}[fused]
-        rows.append({"name": name, "gflop": flops / 1e9, "backbone": 1 / t_backbone, "roof": roof,
-                     "measured": 1 / t_total, "share": 1 / (roof * t_total)})
-        print(f"{name}: backbone {1 / t_backbone:.1f} images/s; head {flops / 1e9:.2f} GFLOP/image; roofline "
-              f"{roof:.1f} images/s; measured {1 / t_total:.1f} images/s = {100 / (roof * t_total):.0f}% of it",
-              flush=True)
+        r = {"name": name, "gflop": flops / 1e9, "backbone": 1 / t_backbone, "roof": roof, "measured": 1 / t_total,
+             "share": 1 / (roof * t_total)}
+        rows.append(r)
+        print(f"{name}: backbone {r['backbone']:.1f} images/s; head {r['gflop']:.2f} GFLOP/image; roofline "
+              f"{roof:.1f} images/s; measured {r['measured']:.1f} images/s = {100 * r['share']:.0f}% of it", flush=True)
     return rows
 
 
