@@ -152,23 +152,26 @@ def choose_fusion(base: torch.Tensor, extra: torch.Tensor, labels: np.ndarray, g
 
 
 @torch.no_grad()
-def held_out_fusion(part_maps: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], held: torch.Tensor,
-                    names: tuple[str, str], grid: Sequence[float], scalings: Sequence[str] = FUSION_SCALINGS, *,
-                    tie_se: float = 1.0, batch_size: int = 32, progress: Progress = NULL_PROGRESS, **defects
-                    ) -> dict[str, Any]:
-    """``choose_fusion`` on held-out training images ``held`` [N, 3, S, S] uint8, as they are and with one synthetic
-    defect each (``synthetic_set(held, **defects)``); ``part_maps`` gives the two [B, S, S] maps of a uint8 batch. The
-    record adds ``how``, ``n_held_out``, ``n_defective`` and ``defect_sources``."""
+def held_out_fusion(part_maps: Callable[[torch.Tensor], dict[str, torch.Tensor]], held: torch.Tensor,
+                    bases: Sequence[str], extra: str, grid: Sequence[float], scalings: Sequence[str] = FUSION_SCALINGS,
+                    *, tie_se: float = 1.0, batch_size: int = 32, progress: Progress = NULL_PROGRESS, **defects
+                    ) -> dict[str, dict[str, Any]]:
+    """``choose_fusion`` of each map named in ``bases`` with the map ``extra``, on held-out training images ``held``
+    [N, 3, S, S] uint8, as they are and with one synthetic defect each (``synthetic_set(held, **defects)``, built
+    once); ``part_maps`` gives the named [B, S, S] maps of a uint8 batch (one pass for all). One record per base; each
+    adds ``how``, ``n_held_out``, ``n_defective`` and ``defect_sources``."""
     data = synthetic_set(held, **defects)
-    maps = []
+    parts: dict[str, list[torch.Tensor]] = {}
     with progress.task("choose fusion (held-out training images)", total=len(data["image"])) as advance:
         for start in range(0, len(data["image"]), batch_size):
             batch = data["image"][start : start + batch_size]
-            maps.append([m.float().cpu() for m in part_maps(batch)])
+            for name, m in part_maps(batch).items():
+                parts.setdefault(name, []).append(m.float().cpu())
             advance(len(batch))
-    base, extra = (torch.cat(m) for m in zip(*maps, strict=True))
+    maps = {name: torch.cat(m) for name, m in parts.items()}
     how = ("validation: Image AUROC of the joint map max on held-out training images, as they are and with one "
            "synthetic defect each (adbench.validation: draw and defects fixed); candidates within tie_margin of the "
            "best tie, and a tie goes to the smallest w in raw units (raw first)")
-    return {"how": how, **choose_fusion(base, extra, data["label"], grid, scalings, names, tie_se),
-            "n_held_out": len(held), "n_defective": int(data["label"].sum()), "defect_sources": data["sources"]}
+    record = {"n_held_out": len(held), "n_defective": int(data["label"].sum()), "defect_sources": data["sources"]}
+    return {base: {"how": how, **choose_fusion(maps[base], maps[extra], data["label"], grid, scalings, (base, extra),
+                                               tie_se), **record} for base in bases}

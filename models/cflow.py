@@ -7,8 +7,9 @@ Official code: gudovskiy/cflow-ad (``model.py``, ``train.py``, ``config.py``, ``
 - one conditional flow per stage: FrEIA ``AllInOneBlock`` x 8, subnet Linear(d, 2d)-ReLU-Linear(2d, out), clamp 1.9;
 - loss per fiber batch of 256: -logsigmoid(log p / C), log p = -C ln sqrt(2 pi) - |z|^2 / 2 + log|det J|;
 - anomaly map: per stage exp(log p / C - max over the TRAINING set), bilinear (align_corners) to the input, summed over
-  stages and inverted. The official code subtracts the test-set maximum instead (cflow-ad issue 24), which makes scores
-  depend on the test set; with training-set maxima a map does not depend on the test batch. Image score = map max.
+  stages and inverted (then blurred if ``map_blur``). The official code subtracts the test-set maximum instead
+  (cflow-ad issue 24), which makes scores depend on the test set; with training-set maxima a map does not depend on
+  the test batch. Image score = map max.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from torch import nn
 
 from adbench.errors import ConfigError
 from adbench.features import FeatureExtractor, FeatureStore
+from adbench.models._maps import blur
 from adbench.models._position import POSITION_NORMS, position_layers
 from adbench.models._registry import Detector, Prediction, register_model
 from adbench.progress import NULL_PROGRESS, Progress
@@ -54,24 +56,25 @@ class CFlowConfig:
     normalization: str = "train"  # adbench: subtract each stage's TRAINING-set max log p (batch-independent maps);
     # "official" = the official code's test-set max (``train.py``), for reproducing the paper protocol: every score
     # then depends on the whole test set; the result's protocol says which was used
-
     position_norm: str = "none"  # adbench named option: "none" = the official flow on raw fibers; "gaussian" /
     # "diagonal" = a frozen first layer whitening each position by its training Gaussian (models/_position.py), its
     # log-determinant part of log p: the coupling blocks start from PaDiM's per-position density
     norm_epsilon: float = 0.01  # PaDiM's regularisation of every covariance (+ 0.01 I), for position_norm
     positional_condition: bool = True  # official; False = the condition zeroed (an unconditional flow per stage), for
     # the ablation of position on tiles that are not aligned
+    map_blur: float = 0.0  # official 0: the map is the bilinear sum of the stages; adbench named option: sigma (px) of
+    # a Gaussian blur of the final map, as PaDiM and PatchCore post-process theirs (sigma 4, models/_maps.py)
     # added later: runs made before them keep their cell keys (adbench.runner._config_part)
-    KEY_SKIP_AT_DEFAULT: ClassVar[tuple[str, ...]] = ("position_norm", "norm_epsilon", "positional_condition")
+    KEY_SKIP_AT_DEFAULT: ClassVar[tuple[str, ...]] = ("position_norm", "norm_epsilon", "positional_condition",
+                                                      "map_blur")
 
-    def __post_init__(self) -> None:
-        if self.position_norm not in POSITION_NORMS:
-            raise ConfigError(f"cflow position_norm must be one of {', '.join(POSITION_NORMS)}, "
-                              f"got {self.position_norm!r}")
-        if self.loss not in ("logsigmoid", "nll"):  # checked when the config is resolved, before any work
-            raise ConfigError(f"cflow loss must be logsigmoid or nll, got {self.loss!r}")
-        if self.normalization not in ("train", "official"):
-            raise ConfigError(f"cflow normalization must be train or official, got {self.normalization!r}")
+    def __post_init__(self) -> None:  # checked when the config is resolved, before any work
+        for name, valid in (("position_norm", POSITION_NORMS), ("loss", ("logsigmoid", "nll")),
+                            ("normalization", ("train", "official"))):
+            if getattr(self, name) not in valid:
+                raise ConfigError(f"cflow {name} must be one of {', '.join(valid)}, got {getattr(self, name)!r}")
+        if not 0 <= self.map_blur <= 16:  # the kernel's radius (4 sigma) stays below a 128-pixel map
+            raise ConfigError(f"cflow map_blur must be a sigma in [0, 16] pixels, got {self.map_blur}")
 
 
 def positional_encoding_2d(dims: int, height: int, width: int) -> torch.Tensor:
@@ -229,10 +232,6 @@ class CFlow(Detector):
         """Stage ``i``'s features through the position-conditional affine layer (identity for position_norm none)."""
         return feat if self.position is None else self.position[i](feat)
 
-    def _log_det(self, i: int, h: int, w: int) -> torch.Tensor | float:
-        """log|det| of stage ``i``'s position layer per position [H, W] (0 without one)."""
-        return 0.0 if self.position is None else self.position[i].log_det.view(h, w)
-
     def log_prob_maps(self, features: list[torch.Tensor], fused: bool = True) -> list[torch.Tensor]:
         """Per-dimension log-likelihood of every position, [B, H, W] per stage (all fibers of the batch at once).
 
@@ -247,7 +246,8 @@ class CFlow(Detector):
             else:  # every fiber [B*H*W, C] (b, y, x order) with its condition
                 z, log_jac = flow(feat.permute(0, 2, 3, 1).flatten(0, 2), c=[pos.flatten(1).T.repeat(b, 1)])
                 log_p = log_prob_per_dim(z, log_jac).reshape(b, h, w)
-            maps.append(log_p + self._log_det(i, h, w) / c)
+            log_det = 0.0 if self.position is None else self.position[i].log_det.view(h, w)  # the layer's log|det|
+            maps.append(log_p + log_det / c)
         return maps
 
     def fit(self, features: FeatureStore, progress: Progress = NULL_PROGRESS,
@@ -276,12 +276,10 @@ class CFlow(Detector):
                 return fiber_loss(coupling_log_prob(x, block_parts(self.flows[i], pos, perms[i], where)), cfg.loss)
             return fiber_loss(log_prob_per_dim(*self.flows[i](x, c=[pos.flatten(1).T[where]])), cfg.loss)
 
-        def lr_factor(epoch: int) -> float:
-            return cosine_lr_factor(epoch, cfg.epochs, cfg.warmup_epochs, cfg.cosine)
-
         self.train()
         stage = Stage(name="cflow", params=list(self.flows.parameters()), loss=loss, batches=batches,
-                      epochs=cfg.epochs, lr=cfg.lr, lr_factor=lr_factor)
+                      epochs=cfg.epochs, lr=cfg.lr,
+                      lr_factor=lambda epoch: cosine_lr_factor(epoch, cfg.epochs, cfg.warmup_epochs, cfg.cosine))
         history = run_stage(stage, progress)
         self.calibrate(features)
         return {"cflow": history}
@@ -298,13 +296,14 @@ class CFlow(Detector):
         self._test_maps.clear()
 
     def _anomaly_map(self, maps: list[torch.Tensor], tops) -> torch.Tensor:
-        """Sum over stages of exp(log p - top), bilinear to the input size, inverted: constant - likelihood."""
+        """Sum over stages of exp(log p - top), bilinear to the input size, inverted: constant - likelihood; then
+        blurred by ``map_blur`` (none by default)."""
         size = (self.image_size, self.image_size)
         likelihood = sum(
             F.interpolate(torch.exp(m - top).unsqueeze(1), size=size, mode="bilinear", align_corners=True)[:, 0]
             for m, top in zip(maps, tops, strict=True)
         )
-        return len(maps) - likelihood
+        return blur(len(maps) - likelihood, self.config.map_blur)
 
     @torch.no_grad()
     def features_map(self, features: list[torch.Tensor]) -> torch.Tensor:
@@ -339,11 +338,13 @@ class CFlow(Detector):
         return amap.reshape(len(amap), -1).max(axis=1), amap
 
     def protocol(self) -> dict[str, str]:
-        out = {"map_normalization": "training-set maximum per stage (maps do not depend on the test set)"}
-        if self.config.normalization == "official":
-            out["map_normalization"] = ("official: test-set maximum per stage, so scores depend on the whole test set "
-                                        "(cflow-ad train.py)")
-        if self.config.position_norm != "none":
-            out["position_norm"] = (f"{self.config.position_norm}: a frozen per-position affine layer fitted on the "
+        cfg, out = self.config, {}
+        out["map_normalization"] = ("official: test-set maximum per stage, so scores depend on the whole test set "
+                                    "(cflow-ad train.py)" if cfg.normalization == "official" else
+                                    "training-set maximum per stage (maps do not depend on the test set)")
+        if cfg.map_blur:
+            out["map_blur"] = f"Gaussian blur of the final map, sigma {cfg.map_blur:g} px (adbench option)"
+        if cfg.position_norm != "none":
+            out["position_norm"] = (f"{cfg.position_norm}: a frozen per-position affine layer fitted on the "
                                     "training features before the coupling blocks (adbench option)")
         return out

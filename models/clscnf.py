@@ -23,6 +23,7 @@ import copy
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -113,11 +114,12 @@ class ClsCnfConfig:
     lr: float = 2e-4  # their default ``--lr`` for ``nf_only`` (BTAD scripts 2e-5-1e-4)
     epochs: int = 1  # CNF passes; theirs 25 meta x 8 sub = 200 (CFLOW on MTD gains 0.4 Img AUROC from 1 to 3)
     warmup_epochs: int = 0  # theirs 2 meta-epochs = 16 passes from lr/10 (preset "paper")
+    position_norm: str = "none"  # theirs: the CNFs on raw features; adbench named options for both CNFs, CFLOW-AD's
+    map_blur: float = 0.0  # (models/cflow.py): "gaussian" whitens each position first; map_blur blurs the CNF map
     baseline_cnf: bool = True  # adbench: also train CNFs on the frozen ImageNet features (part "cnf_imagenet",
     # their ``base-nf_only``), and with fusion "validation" fuse whichever CNF scores higher on the held-out images
     # (ties: the fine-tuned one, theirs): at the CPU budget the fine-tuning may cost the CNF more than it gives (MTD:
     # results/sweep_mtd.md); +1 CNF training, about 20 % of the fit on MTD. False: the fine-tuned CNF only
-    # fusion
     fusion: str = "validation"  # adbench: w and the scaling chosen on held-out training images with synthetic
     # defects (their per-category w looks tuned on test sets, and for their schedule); "fixed": classifier_weight,
     # the raw sum (preset "paper")
@@ -130,6 +132,8 @@ class ClsCnfConfig:
     fusion_tie_se: float = 1.0  # candidates within this many standard errors of the best held-out AUROC tie, and a
     # tie goes to the smallest w (the one-standard-error rule): without it a pure-noise map often wins a w > 0
     classifier_weight: float = 1.0  # fusion "fixed": their ``--w_fe`` per category (W_FE), elsewhere 1.0
+    # added later: runs made before them keep their cell keys (adbench.runner._config_part)
+    KEY_SKIP_AT_DEFAULT: ClassVar[tuple[str, ...]] = ("position_norm", "map_blur")
 
     def __post_init__(self) -> None:
         if self.object_mask not in OBJECT_MASK_MODES:
@@ -142,6 +146,7 @@ class ClsCnfConfig:
         if self.fusion not in ("validation", "fixed") or not 0 < self.fusion_holdout < 1 or self.fusion_tie_se < 0:
             raise ConfigError(f"clscnf fusion must be validation or fixed, fusion_holdout in (0, 1), fusion_tie_se >= "
                               f"0; got {self.fusion!r}, {self.fusion_holdout}, {self.fusion_tie_se}")
+        CFlowConfig(position_norm=self.position_norm, map_blur=self.map_blur)  # checks the CNFs' options now
         if not self.fusion_grid or min(self.fusion_grid) < 0 or not set(self.fusion_scalings) <= {*FUSION_SCALINGS}:
             raise ConfigError(f"clscnf fusion_grid must be weights >= 0 and fusion_scalings of {FUSION_SCALINGS}, "
                               f"got {self.fusion_grid}, {self.fusion_scalings}")
@@ -179,7 +184,8 @@ class ClsCnf(Detector):
                                condition_dims=config.condition_dims, clamp=config.clamp,
                                permute_soft=config.permute_soft, fiber_batch=config.fiber_batch, lr=config.lr,
                                batch_size=config.batch_size, epochs=config.epochs,
-                               warmup_epochs=config.warmup_epochs)
+                               warmup_epochs=config.warmup_epochs, position_norm=config.position_norm,
+                               map_blur=config.map_blur)
         self.cnf = CFlow(self.encoder, image_size, flow_cfg)
         self.baseline = CFlow(extractor, image_size, flow_cfg) if config.baseline_cnf else None
         # joint = (CNF - a) / b + w (classifier - c) / d: [w, a, b, c, d], raw sum until ``select_fusion``
@@ -277,14 +283,13 @@ class ClsCnf(Detector):
         saw), as they are and with one synthetic defect each; sets ``fusion_params``, records ``selection``."""
         t0, cfg = time.perf_counter(), self.config
         self.eval()
-        choice = held_out_fusion(self.part_maps, held, ("cnf", "classifier"), cfg.fusion_grid, cfg.fusion_scalings,
-                                 tie_se=cfg.fusion_tie_se, batch_size=cfg.batch_size, progress=progress,
-                                 object_mask=cfg.object_mask, fill_holes=cfg.fill_holes)
+        bases = ("cnf", "cnf_imagenet") if self.baseline is not None else ("cnf",)
+        choices = held_out_fusion(self.part_maps, held, bases, "classifier", cfg.fusion_grid, cfg.fusion_scalings,
+                                  tie_se=cfg.fusion_tie_se, batch_size=cfg.batch_size, progress=progress,
+                                  object_mask=cfg.object_mask, fill_holes=cfg.fill_holes)
+        choice = choices["cnf"]
         if self.baseline is not None:  # the CNF on ImageNet's features with the same classifier, same held-out set
-            other = held_out_fusion(lambda x: (self.imagenet_map(x), self.part_maps(x)[1]), held,
-                                    ("cnf_imagenet", "classifier"), cfg.fusion_grid, cfg.fusion_scalings,
-                                    tie_se=cfg.fusion_tie_se, batch_size=cfg.batch_size, object_mask=cfg.object_mask,
-                                    fill_holes=cfg.fill_holes)
+            other = choices["cnf_imagenet"]
             alone = {**choice["alone"], **other["alone"]}
             self.fuse_imagenet.fill_(other["image_auroc"] > choice["image_auroc"])  # ties: the fine-tuned CNF
             choice = {**(other if self.fuse_imagenet else choice), "alone": alone,
@@ -301,26 +306,21 @@ class ClsCnf(Detector):
         return (cnf_map - a) / b + w * (cls_map - c) / d
 
     @torch.no_grad()
-    def part_maps(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """CNF map and classifier map (sigmoid) [B, S, S]: one pass of the fine-tuned encoder feeds both heads."""
-        feats = self.encoder(images.to(self.device))
-        return self.cnf.features_map(feats), torch.sigmoid(self.decoder(feats, self.image_size))
-
-    @torch.no_grad()
-    def imagenet_map(self, images: torch.Tensor) -> torch.Tensor:
-        """The map [B, S, S] of the CNFs on the frozen ImageNet features (``baseline_cnf``)."""
-        return self.baseline.features_map(self.extractor(images.to(self.device)))
+    def part_maps(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Each part's map [B, S, S]: classifier (sigmoid) and CNF, one pass of the fine-tuned encoder feeding both,
+        and with ``baseline_cnf`` the CNFs on the frozen ImageNet features (``cnf_imagenet``)."""
+        images = images.to(self.device)
+        feats = self.encoder(images)
+        maps = {"classifier": torch.sigmoid(self.decoder(feats, self.image_size)), "cnf": self.cnf.features_map(feats)}
+        if self.baseline is not None:
+            maps["cnf_imagenet"] = self.baseline.features_map(self.extractor(images))
+        return maps
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> Prediction:
-        images = images.to(self.device)
-        cnf_map, cls_map = self.part_maps(images)
-        parts = {"classifier": (cls_map.flatten(1).max(1).values, cls_map),
-                 "cnf": (cnf_map.flatten(1).max(1).values, cnf_map)}
-        if self.baseline is not None:
-            base = self.imagenet_map(images)
-            parts["cnf_imagenet"] = (base.flatten(1).max(1).values, base)
-        joint = self.fuse(parts["cnf_imagenet" if self.fuse_imagenet else "cnf"][1], cls_map)
+        maps = self.part_maps(images)
+        joint = self.fuse(maps["cnf_imagenet" if self.fuse_imagenet else "cnf"], maps["classifier"])
+        parts = {name: (m.flatten(1).max(1).values, m) for name, m in maps.items()}
         return Prediction(score=joint.flatten(1).max(1).values, anomaly_map=joint, parts=parts)
 
     def protocol(self) -> dict[str, str]:

@@ -101,8 +101,31 @@ def test_bad_cflow_values_are_config_errors():
         resolve_config("cflow", "resnet18", {"fiber_batch": "0"})
     with pytest.raises(ConfigError, match="condition_dims=30 is invalid; it must be a positive multiple of 4"):
         resolve_config("cflow", "resnet18", {"condition_dims": "30"})
-    with pytest.raises(ConfigError, match="cflow loss must be logsigmoid or nll, got 'mse'"):
+    with pytest.raises(ConfigError, match="cflow loss must be one of logsigmoid, nll, got 'mse'"):
         resolve_config("cflow", "resnet18", {"loss": "mse"})
+    with pytest.raises(ConfigError, match="cflow map_blur must be a sigma in"):
+        resolve_config("cflow", "resnet18", {"map_blur": "-1"})
+
+
+def test_map_blur_is_a_gaussian_blur_of_the_unblurred_map(small):
+    """map_blur = sigma blurs the final map (models/_maps.blur, as PaDiM and PatchCore) and the score is its max; 0
+    (the official map) leaves it as it is; the cell key of a default run does not name the option."""
+    from adbench.models._maps import blur
+    from adbench.runner import _config_part
+
+    model, _ = small
+    images = torch.rand(3, 3, 64, 64)
+    plain = model.predict(images)
+    blurred_model = copy.deepcopy(model)
+    blurred_model.config = dataclasses.replace(model.config, map_blur=2.0)
+    blurred = blurred_model.predict(images)
+    assert torch.allclose(blurred.anomaly_map, blur(plain.anomaly_map, 2.0), atol=1e-6)
+    assert not torch.allclose(blurred.anomaly_map, plain.anomaly_map, atol=1e-4)
+    assert torch.equal(blurred.score, blurred.anomaly_map.flatten(1).max(1).values)
+    # the blur smooths: a lower total variation, the same mean up to the reflected borders
+    assert blurred.anomaly_map.diff(dim=-1).abs().sum() < plain.anomaly_map.diff(dim=-1).abs().sum()
+    assert "sigma 2 px" in blurred_model.protocol()["map_blur"] and "map_blur" not in model.protocol()
+    assert "map_blur" not in _config_part(model.config) and _config_part(blurred_model.config)["map_blur"] == 2.0
 
 
 @pytest.mark.parametrize("soft", [False, True])
@@ -208,7 +231,7 @@ def test_official_normalization_uses_the_test_set_maximum(small):
     train_scores = np.concatenate([p.score.numpy() for p in preds])
     same = model.finalize(train_scores, maps)  # the default mode changes nothing
     assert same[0] is train_scores and same[1] is maps
-    with pytest.raises(ConfigError, match="normalization must be train or official"):
+    with pytest.raises(ConfigError, match="normalization must be one of train, official"):
         resolve_config("cflow", "resnet18", {"normalization": "test"})
 
 

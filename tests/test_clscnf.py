@@ -106,6 +106,8 @@ def test_bad_values_are_config_errors():
     for bad in ({"fusion_grid": "0,-1"}, {"fusion_scalings": "raw,zscore"}):
         with pytest.raises(ConfigError, match="fusion_grid must be weights >= 0"):
             resolve_config("clscnf", "resnet18", bad)
+    with pytest.raises(ConfigError, match="cflow position_norm must be one of none, diagonal, gaussian"):
+        resolve_config("clscnf", "resnet18", {"position_norm": "full"})
     with pytest.raises(ConfigError, match="decoder_blocks needs 2 entries"):
         tiny(decoder_blocks="1,1,1")
     with pytest.raises(ConfigError, match="fusion_holdout 0.2 leaves 1 of 6 training images .* or --set fusion=fixed"):
@@ -342,3 +344,15 @@ def test_preset_paper_keeps_their_fixed_weight_and_trains_on_every_image(images)
     model.eval()
     pred = model.predict(texture_images(2))
     assert torch.allclose(pred.anomaly_map, pred.parts["cnf"][1] + 0.3 * pred.parts["classifier"][1])
+
+
+def test_cflow_named_options_reach_both_cnfs():
+    """position_norm and map_blur (CFLOW-AD's named options) configure the fine-tuned and the ImageNet CNFs alike;
+    at their defaults a cell key does not name them."""
+    from adbench.runner import _config_part
+
+    model = tiny(position_norm="gaussian", map_blur="4", baseline_cnf="true")
+    for cnf in (model.cnf, model.baseline):
+        assert (cnf.config.position_norm, cnf.config.map_blur) == ("gaussian", 4.0) and cnf.position is not None
+    assert tiny().cnf.position is None
+    assert not {"position_norm", "map_blur"} & set(_config_part(tiny().config))
