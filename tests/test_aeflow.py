@@ -54,7 +54,7 @@ def test_registered_with_paper_defaults():
     cfg = AEFlowConfig()
     assert (cfg.layers, cfg.flow_steps, cfg.clamp, cfg.alpha, cfg.beta) == ((3,), 8, 2.0, 0.5, 0.9)
     assert (cfg.decoder_channels, cfg.subnet, cfg.lr, cfg.weight_decay) == ((512, 256, 64), "resnet", 2e-3, 1e-4)
-    assert (cfg.batch_size, cfg.epochs, cfg.grad_clip) == (16, 5, 1.0)
+    assert (cfg.batch_size, cfg.epochs, cfg.grad_clip) == (16, 15, 1.0)
     paper = resolve_config("aeflow", "wide_resnet50_2", preset="paper")
     assert (paper.epochs, paper.batch_size, paper.decoder_channels) == (100, 64, (512, 256, 64))
 

@@ -12,6 +12,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
 
+from adbench import validation
 from adbench.cli import app
 from adbench.datasets.synthetic import generate
 from adbench.defects import DefectSynthesizer
@@ -19,7 +20,7 @@ from adbench.errors import ConfigError
 from adbench.features import FeatureStore, create_extractor
 from adbench.models import create_model, resolve_config
 from adbench.models.clscnf import W_FE, ClsCnfConfig, Decoder
-from adbench.validation import FUSION_SCALINGS, choose_fusion, held_out_rows
+from adbench.validation import FUSION_SCALINGS, choose_fusion, held_out_rows, synthetic_set
 
 SIZE = 64
 
@@ -298,8 +299,11 @@ def test_held_out_images_are_never_trained_on(images, monkeypatch):
         return {"cflow": []}
 
     monkeypatch.setattr(model.baseline, "fit", baseline_fit)
+    built = []  # the held-out set with its synthetic defects is built once for both CNFs
+    monkeypatch.setattr(validation, "synthetic_set", lambda *a, **k: built.append(1) or synthetic_set(*a, **k))
     store = FeatureStore([torch.arange(len(images), dtype=torch.float32).view(-1, 1)])  # row i holds i
     model.fit(store, images=images)
+    assert len(built) == 1
     assert torch.equal(seen["fit_classifier"][0], images[keep]) and torch.equal(seen["fit_cnf"][0], images[keep])
     assert torch.equal(seen["select_fusion"][0], images[held])
     assert seen["baseline"][0].tensors[0].flatten().long().tolist() == keep.tolist()
