@@ -30,8 +30,8 @@ def setting_hash(result: dict) -> str:
     geometry; squash, the geometry of every run before the option, is left out so their hashes stay as they were)."""
     keys = ("model", "backbone", "image_size", "weights", "preset", "config")
     geometry = run_geometry(result)
-    blob = json.dumps({k: result.get(k) for k in keys} | ({} if geometry == "squash" else {"geometry": geometry}),
-                      sort_keys=True, default=str)
+    blob = json.dumps({k: result.get(k) for k in keys} | {"config": run_config(result)}
+                      | ({} if geometry == "squash" else {"geometry": geometry}), sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:6]
 
 
@@ -54,21 +54,33 @@ def run_settings(result: dict) -> dict:
     return {**{k: result.get(k) for k in keys}, "geometry": run_geometry(result),
             PRECISION_FIELD: feature_precision(result.get("device")),
             **({"validation": result["validation"]["fraction"]} if result.get("validation") else {}),
-            **_later_defaults(result.get("model")), **(result.get("config") or {})}
+            **_later_defaults(result.get("model")), **run_config(result)}
+
+
+def run_config(result: dict) -> dict:
+    """A run's recorded config, integers of float fields as floats: a grid's ``map_blur = [0, 4]`` recorded 0 where
+    runs made before the field record its default 0.0, and both are one setting."""
+    config = result.get("config") or {}
+    fields = _config_fields(result.get("model"))
+    return {k: float(v) if isinstance(fields.get(k), float) and type(v) is int else v for k, v in config.items()}
+
+
+def _config_fields(model) -> dict:
+    """Each config field's default for a registered ``model`` ({} for others)."""
+    import dataclasses
+
+    from adbench.models import MODELS
+
+    return {f.name: f.default for f in dataclasses.fields(MODELS.get(model).Config)} if model in MODELS else {}
 
 
 def _later_defaults(model) -> dict:
     """The defaults of config fields a detector added after runs were made (``KEY_SKIP_AT_DEFAULT``): what a run that
     does not record them ran with."""
-    import dataclasses
-
     from adbench.models import MODELS
 
-    if model not in MODELS:
-        return {}
-    config = MODELS.get(model).Config
-    later = getattr(config, "KEY_SKIP_AT_DEFAULT", ())
-    return {f.name: f.default for f in dataclasses.fields(config) if f.name in later}
+    later = getattr(MODELS.get(model).Config, "KEY_SKIP_AT_DEFAULT", ()) if model in MODELS else ()
+    return {k: v for k, v in _config_fields(model).items() if k in later}
 
 
 def _shown(value) -> str:

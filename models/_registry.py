@@ -93,7 +93,9 @@ def list_models(pattern: str = "*") -> list[str]:
 
 def _coerce(field: str, value: Any, default: Any) -> Any:
     """Turn a ``--set`` string into the type of the field's default."""
-    if not isinstance(value, str):
+    if not isinstance(value, str):  # a grid's typed value; an integer for a float field becomes a float
+        if isinstance(default, float) and type(value) is int:
+            return float(value)
         return tuple(value) if isinstance(default, tuple) else value
     try:
         if isinstance(default, bool):

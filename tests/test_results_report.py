@@ -311,3 +311,20 @@ def test_label_names_the_setting_before_the_feature_precision(tmp_path):
     summary = build_report(tmp_path).split("## Summary")[1]
     assert "fastflow (layers=[1, 2, 3])" in summary and "fastflow (layers=[2, 3, 4])" in summary
     assert "cflow (features=fp16)" in summary and "cflow (features=fp32)" in summary
+
+
+def test_an_integer_of_a_float_field_is_the_same_setting(tmp_path):
+    """A grid's ``map_blur = [0, 4]`` records 0 where runs made before the field record its default 0.0: one setting,
+    one column, the newer run replacing the older; new runs get the field's type from the config resolution."""
+    from adbench.models import resolve_config
+
+    older = {**fake(model="cflow", auroc=0.5), "config": {"map_blur": 0.0, "position_norm": "gaussian"}}
+    newer = {**fake(model="cflow", auroc=0.6), "config": {"map_blur": 0, "position_norm": "gaussian"}}
+    blurred = {**fake(model="cflow", auroc=0.7), "config": {"map_blur": 4, "position_norm": "gaussian"}}
+    for name, r in (("a", older), ("b", newer), ("c", blurred)):
+        write_run(tmp_path, f"cflow_mtd_s0_{name}", {"result.json": json.dumps({**r, "started": name})})
+    table = metric_table(results_frame(load_results(tmp_path)), "image_auroc")
+    assert list(table.columns)[2:] == ["cflow (map_blur=0.0)", "cflow (map_blur=4.0)"]
+    assert resolve_config("cflow", "resnet18", {"map_blur": 4}).map_blur == 4.0
+    assert type(resolve_config("cflow", "resnet18", {"map_blur": 4}).map_blur) is float
+    assert type(resolve_config("cflow", "resnet18", {"epochs": 4}).epochs) is int
