@@ -30,6 +30,9 @@ class Prediction:
     parts: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
 
 
+BLUR_FIELDS = ("map_blur", "sigma")  # config fields that are the sigma (px) of a Gaussian blur of the final map
+
+
 class Detector(nn.Module):
     """Base of the detectors: a frozen ``extractor`` plus trainable parts, configured by one frozen dataclass.
 
@@ -51,6 +54,11 @@ class Detector(nn.Module):
     def __init__(self, extractor: FeatureExtractor, image_size: int, config: Any) -> None:
         super().__init__()
         self.extractor, self.image_size, self.config = extractor, image_size, config
+        for name in BLUR_FIELDS:  # checked before any training: the blur runs only when maps are made
+            sigma = getattr(config, name, 0.0)
+            if int(4.0 * sigma + 0.5) >= image_size:
+                raise ConfigError(f"{name}={sigma:g} is too wide for {image_size}-pixel maps: the blur's radius "
+                                  f"(4 sigma) must stay below the image size")
 
     @property
     def device(self) -> torch.device:
@@ -92,11 +100,13 @@ def list_models(pattern: str = "*") -> list[str]:
 
 
 def _coerce(field: str, value: Any, default: Any) -> Any:
-    """Turn a ``--set`` string into the type of the field's default."""
-    if not isinstance(value, str):  # a grid's typed value; an integer for a float field becomes a float
-        if isinstance(default, float) and type(value) is int:
-            return float(value)
-        return tuple(value) if isinstance(default, tuple) else value
+    """Turn a ``--set`` string, or a grid's typed value, into the type of the field's default (an integer where the
+    default holds floats becomes a float, so ``4`` and ``--set ...=4`` are one setting and one cell key)."""
+    if not isinstance(value, str):
+        if isinstance(default, tuple):
+            floats = bool(default) and isinstance(default[0], float)
+            return tuple(float(v) if floats and type(v) is int else v for v in value)
+        return float(value) if isinstance(default, float) and type(value) is int else value
     try:
         if isinstance(default, bool):
             if value.lower() not in ("true", "false", "1", "0", "yes", "no"):

@@ -105,6 +105,9 @@ def test_bad_cflow_values_are_config_errors():
         resolve_config("cflow", "resnet18", {"loss": "mse"})
     with pytest.raises(ConfigError, match="cflow map_blur must be a sigma in"):
         resolve_config("cflow", "resnet18", {"map_blur": "-1"})
+    wide = resolve_config("cflow", "resnet18", {"map_blur": "8", "condition_dims": "16", "coupling_blocks": "1"})
+    with pytest.raises(ConfigError, match="map_blur=8 is too wide for 32-pixel maps"):  # before any training
+        create_model("cflow", create_extractor("resnet18", wide.layers, "random"), 32, wide)
 
 
 def test_map_blur_is_a_gaussian_blur_of_the_unblurred_map(small):
@@ -122,7 +125,7 @@ def test_map_blur_is_a_gaussian_blur_of_the_unblurred_map(small):
     assert torch.allclose(blurred.anomaly_map, blur(plain.anomaly_map, 2.0), atol=1e-6)
     assert not torch.allclose(blurred.anomaly_map, plain.anomaly_map, atol=1e-4)
     assert torch.equal(blurred.score, blurred.anomaly_map.flatten(1).max(1).values)
-    # the blur smooths: a lower total variation, the same mean up to the reflected borders
+    # the blur smooths: a lower total variation
     assert blurred.anomaly_map.diff(dim=-1).abs().sum() < plain.anomaly_map.diff(dim=-1).abs().sum()
     assert "sigma 2 px" in blurred_model.protocol()["map_blur"] and "map_blur" not in model.protocol()
     assert "map_blur" not in _config_part(model.config) and _config_part(blurred_model.config)["map_blur"] == 2.0

@@ -328,3 +328,7 @@ def test_an_integer_of_a_float_field_is_the_same_setting(tmp_path):
     assert resolve_config("cflow", "resnet18", {"map_blur": 4}).map_blur == 4.0
     assert type(resolve_config("cflow", "resnet18", {"map_blur": 4}).map_blur) is float
     assert type(resolve_config("cflow", "resnet18", {"epochs": 4}).epochs) is int
+    grid = resolve_config("clscnf", "resnet18", {"fusion_grid": [0, 1, 5]}).fusion_grid
+    assert grid == resolve_config("clscnf", "resnet18", {"fusion_grid": "0,1,5"}).fusion_grid == (0.0, 1.0, 5.0)
+    assert all(type(w) is float for w in grid)
+    assert table.iloc[0]["cflow (map_blur=0.0)"] == "60.0"  # the newer of the two runs of that setting
