@@ -58,11 +58,13 @@ def run_settings(result: dict) -> dict:
 
 
 def run_config(result: dict) -> dict:
-    """A run's recorded config, integers of float fields as floats: a grid's ``map_blur = [0, 4]`` recorded 0 where
-    runs made before the field record its default 0.0, and both are one setting."""
-    config = result.get("config") or {}
+    """A run's recorded config in its fields' types (``as_field_type``): a grid's ``map_blur = [0, 4]`` recorded 0
+    where runs made before the field record its default 0.0, and both are one setting."""
+    from adbench.models._registry import as_field_type
+
     fields = _config_fields(result.get("model"))
-    return {k: float(v) if isinstance(fields.get(k), float) and type(v) is int else v for k, v in config.items()}
+    return {k: as_field_type(v, fields[k]) if k in fields and not isinstance(v, str) else v
+            for k, v in (result.get("config") or {}).items()}
 
 
 def _config_fields(model) -> dict:

@@ -13,6 +13,7 @@ from torch import nn
 
 from adbench.errors import ConfigError
 from adbench.features import FeatureExtractor, FeatureStore
+from adbench.models._maps import gaussian_kernel
 from adbench.progress import NULL_PROGRESS, Progress
 from adbench.registry import Registry
 
@@ -56,7 +57,7 @@ class Detector(nn.Module):
         self.extractor, self.image_size, self.config = extractor, image_size, config
         for name in BLUR_FIELDS:  # checked before any training: the blur runs only when maps are made
             sigma = getattr(config, name, 0.0)
-            if int(4.0 * sigma + 0.5) >= image_size:
+            if sigma > 0 and len(gaussian_kernel(sigma)) // 2 >= image_size:  # the radius ``_maps.blur`` pads by
                 raise ConfigError(f"{name}={sigma:g} is too wide for {image_size}-pixel maps: the blur's radius "
                                   f"(4 sigma) must stay below the image size")
 
@@ -99,14 +100,19 @@ def list_models(pattern: str = "*") -> list[str]:
     return MODELS.names(pattern)
 
 
+def as_field_type(value: Any, default: Any) -> Any:
+    """A typed (non-string) value in the type of the field's default: a sequence becomes a tuple, and an integer where
+    the default holds floats a float, so a grid's ``4``, ``--set ...=4`` and a recorded ``4.0`` are one setting."""
+    if isinstance(default, tuple):
+        floats = bool(default) and isinstance(default[0], float)
+        return tuple(float(v) if floats and type(v) is int else v for v in value)
+    return float(value) if isinstance(default, float) and type(value) is int else value
+
+
 def _coerce(field: str, value: Any, default: Any) -> Any:
-    """Turn a ``--set`` string, or a grid's typed value, into the type of the field's default (an integer where the
-    default holds floats becomes a float, so ``4`` and ``--set ...=4`` are one setting and one cell key)."""
+    """Turn a ``--set`` string, or a grid's typed value (``as_field_type``), into the type of the field's default."""
     if not isinstance(value, str):
-        if isinstance(default, tuple):
-            floats = bool(default) and isinstance(default[0], float)
-            return tuple(float(v) if floats and type(v) is int else v for v in value)
-        return float(value) if isinstance(default, float) and type(value) is int else value
+        return as_field_type(value, default)
     try:
         if isinstance(default, bool):
             if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
