@@ -20,7 +20,7 @@ asiraudin/ae-flow, which disagree where the paper is silent. Every such choice i
   to the input) and the standardised local dissimilarity 1 - SSIM(x, x') (channel mean), training-set statistics.
 
 SSIM (image value and per-pixel map) is torchmetrics' ``structural_similarity_index_measure`` (Gaussian window 11,
-sigma 1.5, data range 1) on images in [0, 1]; pytorch-msssim computes the same index but exposes no per-pixel map.
+sigma 1.5, data range 1) on images in [0, 1], computed here with a separable window (``ssim_map``).
 """
 
 from __future__ import annotations
@@ -34,11 +34,11 @@ import FrEIA.modules as Fm
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics.functional.image import structural_similarity_index_measure as tm_ssim
 
 from adbench.errors import ConfigError, TrainingError
 from adbench.features import FeatureExtractor, FeatureStore
 from adbench.models._registry import Detector, Prediction, register_model
+from adbench.models._ssim import ssim_map
 from adbench.progress import NULL_PROGRESS, Progress
 from adbench.train import Stage, run_stage
 
@@ -174,8 +174,8 @@ def flow_scores(z: torch.Tensor, size: int, kind: str) -> tuple[torch.Tensor, to
 
 def recon_scores(x: torch.Tensor, recon: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """S_recon = -SSIM(x, x') [B] and the map 1 - local SSIM (channel mean) [B, H, W]; images in [0, 1]."""
-    value, full = tm_ssim(recon, x, data_range=1.0, reduction="none", return_full_image=True)
-    return -value, 1.0 - full.mean(dim=1)
+    full = ssim_map(recon, x)
+    return -full.flatten(1).mean(1), 1.0 - full.mean(dim=1)
 
 
 def as_unit(images: torch.Tensor) -> torch.Tensor:
@@ -212,7 +212,8 @@ class AEFlow(Detector):
             )
         self.encoder = copy.deepcopy(extractor.net).requires_grad_(True) if config.finetune_encoder else None
         self.flow = build_flow(shape, config)
-        self.decoder = build_decoder(c, config.decoder_channels)
+        # channels-last: the same convolutions, 1.4-1.7x faster on the CPU for its few-channel, large maps
+        self.decoder = build_decoder(c, config.decoder_channels).to(memory_format=torch.channels_last)
         self.register_buffer("norm", torch.tensor([[0.0, 1.0]] * len(_STATS)))  # (mean, std) per _STATS row
         self.register_buffer("feat_mean", torch.zeros(c, 1, 1))  # encoder-map standardisation (``standardize``)
         self.register_buffer("feat_std", torch.ones(c, 1, 1))
@@ -234,7 +235,7 @@ class AEFlow(Detector):
     def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Encoder map [B, C, h, w] -> (z' [B, C, h, w], log|det J| [B], reconstruction in [-1, 1] [B, 3, S, S])."""
         z, log_jac = self.flow((features - self.feat_mean) / self.feat_std)
-        return z, log_jac, self.decoder(z)
+        return z, log_jac, self.decoder(z.contiguous(memory_format=torch.channels_last)).contiguous()
 
     def raw_scores(self, features: torch.Tensor, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Unstandardised S_flow, S_recon [B] and their maps [B, S, S] (keys as ``_STATS``)."""

@@ -18,6 +18,7 @@ from adbench.cli import app
 from adbench.errors import ConfigError, TrainingError
 from adbench.features import FeatureStore, create_extractor
 from adbench.models import create_model, list_models, resolve_config
+from adbench.models._ssim import ssim_map
 from adbench.models.aeflow import AEFlowConfig, build_flow, flow_nll_per_dim, flow_scores, loss, recon_scores
 
 SMALL = {"flow_steps": 2, "decoder_channels": "32,16,8", "hidden_channels": 32, "batch_size": 4, "lr": "2e-3"}
@@ -118,6 +119,18 @@ def test_loss_and_score_formulas():
     assert torch.allclose(amap, torch.full((2, 8, 8), 2 + half_log_2pi))
     lik, lik_map = flow_scores(torch.full((2, 4, 2, 2), 2.0), 8, "likelihood")
     assert torch.allclose(lik, -torch.exp(-score)) and torch.allclose(lik_map, -torch.exp(-amap))
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 64, 64), (1, 1, 40, 24)])
+def test_ssim_map_equals_torchmetrics(shape):
+    from torchmetrics.functional.image import structural_similarity_index_measure as tm_ssim
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(shape, generator=g)
+    y = (x + 0.2 * torch.randn(shape, generator=g)).clamp(0, 1)
+    value, full = tm_ssim(y, x, data_range=1.0, reduction="none", return_full_image=True)
+    torch.testing.assert_close(ssim_map(y, x), full, rtol=0, atol=1e-5)
+    torch.testing.assert_close(-recon_scores(x, y)[0], value, rtol=0, atol=1e-5)
 
 
 def test_ssim_terms():

@@ -13,7 +13,7 @@ from adbench.errors import ConfigError
 from adbench.features import FeatureStore, create_extractor
 from adbench.models import create_model, resolve_config
 from adbench.models.padim import embed
-from adbench.models.patchcore import greedy_coreset, nearest, principal_axes
+from adbench.models.patchcore import greedy_coreset, nearest, nearest_distances, principal_axes
 
 SIZE = 64
 
@@ -93,10 +93,16 @@ def test_padim_gaussians_equal_torch_cov():
     feats = ext(_images(12, seed=1))
     det.fit(FeatureStore(feats))
     x = embed(feats)[:, det.channels].flatten(2)  # [N, D, P]
+    assert torch.equal(embed(feats, det.channels).flatten(2), x)  # picking before upsampling: the same values
     for pos in (0, 37, x.shape[-1] - 1):
         cov = torch.cov(x[:, :, pos].T) + 0.01 * torch.eye(10)
         torch.testing.assert_close(det.mean[:, pos], x[:, :, pos].mean(0), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(det.precision[pos], torch.linalg.inv(cov), rtol=1e-3, atol=1e-3)
+    test = ext(_images(2, seed=3, defect=True))
+    delta = embed(test)[:, det.channels].flatten(2) - det.mean  # [B, D, P]: the distance as the paper writes it
+    ref = torch.einsum("bdp,pde,bep->bp", delta, det.precision, delta).sqrt().view(2, *test[0].shape[-2:])
+    for chunk in (7, 256):  # chunks that do and do not divide the positions give the same distances
+        torch.testing.assert_close(det.distances(test, chunk=chunk), ref, rtol=1e-4, atol=1e-4)
     with pytest.raises(ConfigError, match="only 176 channels"):
         create_model("padim", ext, SIZE, resolve_config("padim", "tf_efficientnet_lite0", {"n_features": 500}))
 
@@ -142,6 +148,8 @@ def test_nearest_equals_cdist():
     ref = torch.cdist(q, bank).topk(3, dim=1, largest=False)
     torch.testing.assert_close(dist, ref.values, rtol=1e-4, atol=1e-4)
     assert (idx == ref.indices).float().mean() > 0.99
+    for chunk, tile in ((64, 128), (512, 1024)):  # tiles that do and do not divide the bank
+        torch.testing.assert_close(nearest_distances(q, bank, chunk, tile), ref.values[:, 0], rtol=1e-4, atol=1e-4)
 
 
 def test_patchcore_memory_and_reweighted_score(patchcore):
