@@ -77,12 +77,16 @@ def _config_fields(model) -> dict:
 
 
 def _later_defaults(model) -> dict:
-    """The defaults of config fields a detector added after runs were made (``KEY_SKIP_AT_DEFAULT``): what a run that
-    does not record them ran with."""
+    """What a run that does not record a config field added later ran with: the field's default if it is in the
+    config's ``KEY_SKIP_AT_DEFAULT``, or the config's ``VALUE_BEFORE`` (a field whose default is not the old behaviour:
+    its runs get new keys)."""
     from adbench.models import MODELS
 
-    later = getattr(MODELS.get(model).Config, "KEY_SKIP_AT_DEFAULT", ()) if model in MODELS else ()
-    return {k: v for k, v in _config_fields(model).items() if k in later}
+    if model not in MODELS:
+        return {}
+    later = getattr(MODELS.get(model).Config, "KEY_SKIP_AT_DEFAULT", ())
+    before = getattr(MODELS.get(model).Config, "VALUE_BEFORE", {})
+    return {**{k: v for k, v in _config_fields(model).items() if k in later}, **before}
 
 
 def _shown(value) -> str:

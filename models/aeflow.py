@@ -20,7 +20,7 @@ asiraudin/ae-flow, which disagree where the paper is silent. Every such choice i
   to the input) and the standardised local dissimilarity 1 - SSIM(x, x') (channel mean), training-set statistics.
 
 SSIM (image value and per-pixel map) is torchmetrics' ``structural_similarity_index_measure`` (Gaussian window 11,
-sigma 1.5, data range 1) on images in [0, 1], computed here with a separable window (``ssim_map``).
+sigma 1.5, data range 1) on images in [0, 1], computed with a separable window (``models/_ssim.py``).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import FrEIA.framework as Ff
 import FrEIA.modules as Fm
@@ -37,6 +38,7 @@ from torch import nn
 
 from adbench.errors import ConfigError, TrainingError
 from adbench.features import FeatureExtractor, FeatureStore
+from adbench.models._batchnorm import population_batchnorm
 from adbench.models._registry import Detector, Prediction, register_model
 from adbench.models._ssim import ssim_map
 from adbench.progress import NULL_PROGRESS, Progress
@@ -74,20 +76,26 @@ class AEFlowConfig:
     lr: float = 2e-3  # pimpraat train.py (paper §3.2 as they read it; chest X-ray 1e-3); on MTD the loss spiked
     # once in epoch 3 at this rate (README)
     weight_decay: float = 1e-4  # pimpraat: "10e-5" (= 1e-4; chest X-ray 0)
-    grad_clip: float = 1.0  # adbench stabiliser (0 = off, the paper's plain Adam): clip the gradient norm to 1. On
-    # MTD one training image (of 761) drew a per-dimension NLL of 90, then 1.5e3, then 5.7e5 as training went on, with
-    # gradient norms of 4e3-1e6 against 0.1-0.5 for every other batch; each such step threw the flow off (epoch mean
-    # loss 0.97, 1.69, 374, 0.90, 0.78; lr 1e-3 or fp16 features did not prevent it). A norm of 1, twice the largest
-    # healthy one, leaves ordinary steps alone and caps those (0.84, 0.60, 0.57, 0.53, 0.51; results/aeflow_mtd.md)
+    grad_clip: float = 1.0  # adbench stabiliser (0 = off, the paper's plain Adam): on MTD one training image drew
+    # NLLs of 90, 1.5e3, 5.7e5 per dim with gradient norms 4e3-1e6 (others 0.1-0.5), each step throwing the flow off
+    # (epoch losses 0.97, 1.69, 374, 0.90, 0.78); a norm of 1, twice the largest healthy one, caps only those
+    # (0.84, 0.60, 0.57, 0.53, 0.51; lr 1e-3 or fp16 features did not prevent it; results/aeflow_mtd.md)
+    bn_stats: str = "population"  # resnet subnet's BatchNorm at inference: Ioffe & Szegedy 2015 (Alg. 2), batch mean
+    # and unbiased variance averaged over all training batches after training; "running" = torch's moving average
+    # (momentum 0.1), mostly the last ~20 batches of the seed's shuffle: the scored density varies with their order
     batch_size: int = 16  # Urukat / asiraudin 16; pimpraat 64 (preset "paper"): 16 gives more steps per CPU epoch
     epochs: int = 15  # adbench CPU default: 720 steps on MTD's 761 images (about 2 min on 2 idle cores); the
     # reproductions train 100 (preset "paper"). Chosen over 5 on MTD's validation split (rule fixed before running:
     # a lower seed std of validation Img AUROC, its mean at most 0.5 lower; 0.07 against 0.47, mean 98.3 against
     # 98.0; grids/mtd_validation_aeflow.toml)
 
+    VALUE_BEFORE: ClassVar[dict[str, str]] = {"bn_stats": "running"}  # what runs made before the field ran with
+
     def __post_init__(self) -> None:  # checked when the config is resolved, before any work
         if self.subnet not in ("conv", "resnet"):
             raise ConfigError(f"aeflow subnet must be conv or resnet, got {self.subnet!r}")
+        if self.bn_stats not in ("population", "running"):
+            raise ConfigError(f"aeflow bn_stats must be population or running, got {self.bn_stats!r}")
         if self.flow_score not in ("nll", "likelihood"):
             raise ConfigError(f"aeflow flow_score must be nll or likelihood, got {self.flow_score!r}")
         if len(self.layers) != 1:
@@ -244,9 +252,15 @@ class AEFlow(Detector):
         s_recon, m_recon = recon_scores(as_unit(images), (recon + 1) / 2)
         return {"flow_score": s_flow, "recon_score": s_recon, "flow_map": m_flow, "recon_map": m_recon}
 
+    def training_batch(self, features: FeatureStore, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training images ``idx`` on the device and their encoder map (the cached rows unless it is fine-tuned)."""
+        batch = self._train_images[idx].to(self.device, non_blocking=True)
+        cached = features.tensors[0][idx].to(self.device, non_blocking=True) if self.encoder is None else None
+        return batch, self.encode(batch, cached)
+
     def fit(self, features: FeatureStore, progress: Progress = NULL_PROGRESS,
             images: torch.Tensor | None = None) -> dict[str, list[float]]:
-        cfg, device = self.config, self.device
+        cfg = self.config
         if images is None or len(images) != len(features):
             raise TrainingError("aeflow needs the training images, one per feature row (fit(..., images=...))")
         self._train_images = images
@@ -261,17 +275,18 @@ class AEFlow(Detector):
         gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, (1,))))
 
         def batch_loss(idx: torch.Tensor) -> torch.Tensor:
-            batch = images[idx].to(device, non_blocking=True)
-            cached = features.tensors[0][idx].to(device, non_blocking=True) if self.encoder is None else None
-            z, log_jac, recon = self(self.encode(batch, cached))
-            target = as_unit(batch) * 2 - 1
-            return loss(z, log_jac, recon, target, cfg.alpha)
+            batch, encoded = self.training_batch(features, idx)
+            z, log_jac, recon = self(encoded)
+            return loss(z, log_jac, recon, as_unit(batch) * 2 - 1, cfg.alpha)
 
         self.train()
         stage = Stage(name="aeflow", params=[p for p in self.parameters() if p.requires_grad], loss=batch_loss,
                       batches=lambda epoch: features.index_batches(cfg.batch_size, gen), epochs=cfg.epochs,
                       lr=cfg.lr, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip or None)
         history = run_stage(stage, progress)
+        if cfg.bn_stats == "population":
+            population_batchnorm(self.flow, ((self.training_batch(features, idx)[1] - self.feat_mean) / self.feat_std
+                                             for idx in features.index_batches(cfg.batch_size)))
         self.calibrate(features)
         return {"aeflow": history}
 
@@ -284,9 +299,8 @@ class AEFlow(Detector):
         scores = {k: [] for k in _STATS[:2]}
         sums = {k: torch.zeros(3, dtype=torch.float64) for k in _STATS[2:]}  # count, sum, sum of squares
         for idx in features.index_batches(self.config.batch_size):
-            batch = self._train_images[idx].to(self.device)
-            cached = features.tensors[0][idx].to(self.device) if self.encoder is None else None
-            raw = self.raw_scores(self.encode(batch, cached), batch)
+            batch, encoded = self.training_batch(features, idx)
+            raw = self.raw_scores(encoded, batch)
             for k in scores:
                 scores[k].append(raw[k].double().cpu())
             for k, acc in sums.items():

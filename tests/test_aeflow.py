@@ -18,8 +18,10 @@ from adbench.cli import app
 from adbench.errors import ConfigError, TrainingError
 from adbench.features import FeatureStore, create_extractor
 from adbench.models import create_model, list_models, resolve_config
+from adbench.models._batchnorm import population_batchnorm
 from adbench.models._ssim import ssim_map
 from adbench.models.aeflow import AEFlowConfig, build_flow, flow_nll_per_dim, flow_scores, loss, recon_scores
+from adbench.runner import seed_everything
 
 SMALL = {"flow_steps": 2, "decoder_channels": "32,16,8", "hidden_channels": 32, "batch_size": 4, "lr": "2e-3"}
 
@@ -32,7 +34,7 @@ def smooth_images(n: int, size: int, seed: int = 0) -> torch.Tensor:
 
 
 def make(overrides: dict, size: int = 32):
-    torch.manual_seed(0)
+    seed_everything(0)  # numpy too: FrEIA draws the hard permutations with it
     cfg = resolve_config("aeflow", "resnet18", {**SMALL, **overrides})
     ext = create_extractor("resnet18", cfg.layers, "random")
     return create_model("aeflow", ext, size, cfg)
@@ -175,6 +177,37 @@ def test_encoder_map_is_standardised_before_the_flow(trained):
                                                                                           torch.ones_like(plain.feat_std))
 
 
+def test_population_batchnorm_averages_the_batches_statistics():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                              torch.nn.Conv2d(4, 4, 1), torch.nn.BatchNorm2d(4, momentum=0.3)).eval()
+    weights = {k: v.clone() for k, v in net.state_dict().items() if "running" not in k and "tracked" not in k}
+    batches = [torch.randn(n, 3, 5, 5) * (i + 1) + i for i, n in enumerate((4, 4, 3))]
+    population_batchnorm(net, batches)
+    hidden = [net[0](x) for x in batches]  # the first BatchNorm's inputs
+    means = torch.stack([h.mean(dim=(0, 2, 3)) for h in hidden]).mean(0)
+    variances = torch.stack([h.transpose(0, 1).flatten(1).var(dim=1) for h in hidden]).mean(0)  # unbiased
+    assert torch.allclose(net[1].running_mean, means, atol=1e-5)
+    assert torch.allclose(net[1].running_var, variances, rtol=1e-4)
+    assert net[1].momentum == 0.1 and net[4].momentum == 0.3  # restored
+    assert int(net[1].num_batches_tracked) == 3
+    assert all(torch.equal(net.state_dict()[k], v) for k, v in weights.items())  # no weight moved
+
+
+def test_fit_sets_population_batchnorm_statistics(trained):
+    model, images, store, _, _ = trained
+    assert model.config.bn_stats == "population"
+    norms = [m for m in model.flow.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and all(int(m.num_batches_tracked) == 2 for m in norms)  # 8 images in batches of 4, once
+    running = make({"epochs": 40, "bn_stats": "running"})
+    running.fit(FeatureStore([t.clone() for t in store.tensors]), images=images)
+    same = dict(running.flow.named_parameters())
+    assert all(torch.equal(p, same[k]) for k, p in model.flow.named_parameters())  # the training is the same
+    other = [m for m in running.flow.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert int(other[0].num_batches_tracked) == 80  # torch's moving average over every step
+    assert not torch.allclose(norms[0].running_var, other[0].running_var)
+
+
 def test_scores_are_standardised_on_the_training_set(trained):
     model, images, _, _, _ = trained
     pred = model.predict(images)
@@ -232,6 +265,7 @@ def test_finetune_encoder_trains_a_copy_and_keeps_the_extractor():
         ({"decoder_channels": "0,4"}, "every decoder_channels entry must be >= 1"),
         ({"flow_steps": "0"}, "flow_steps=0 is invalid"),
         ({"grad_clip": "-1"}, "aeflow: grad_clip=-1.0 is invalid; it must be >= 0"),
+        ({"bn_stats": "ema"}, "aeflow bn_stats must be population or running, got 'ema'"),
     ],
 )
 def test_bad_config_values(overrides, message):
