@@ -1,8 +1,6 @@
 """Oh & Kim (IEEE Access 2024): a pixelwise classifier on synthetic defects fine-tunes the extractor that CFLOW flows
-then use; the two anomaly maps are fused.
-
-Official code: seungmi-oh/AD-CLSCNFs (``train_methods/finetune_enc.py``, ``train_CNFs_finetune.py``, ``evaluate.py``,
-``custom_models/wideresnet50_dec.py``, ``run_scripts/*/train_eval_total.sh``).
+then use; the two anomaly maps are fused. Official code: seungmi-oh/AD-CLSCNFs (``train_methods/finetune_enc.py``,
+``train_CNFs_finetune.py``, ``evaluate.py``, ``custom_models/wideresnet50_dec.py``, ``run_scripts/*/*.sh``).
 
 - stage 1: a U-Net-like decoder on the extractor's stages (the CNF stages) predicts, per pixel, a sigmoid defect
   probability of DRAEM-style synthetic defects (``adbench.defects``), BCE with soft labels; one Adam over encoder and
@@ -31,6 +29,7 @@ import torch.nn.functional as F
 from adbench.defects import OBJECT_MASK_MODES, DefectSynthesizer
 from adbench.errors import ConfigError
 from adbench.features import FeatureExtractor, FeatureStore
+from adbench.models._batchnorm import population_batchnorm
 from adbench.models._decoder import Decoder
 from adbench.models._registry import Detector, Prediction, register_model
 from adbench.models.cflow import CFlow, CFlowConfig, cosine_lr_factor
@@ -79,6 +78,10 @@ _PAPER_CLASSES = {
 }
 
 
+_CNF_FIELDS = ("layers", "coupling_blocks", "condition_dims", "clamp", "permute_soft", "fiber_batch", "lr",
+               "batch_size", "epochs", "warmup_epochs", "position_norm", "map_blur")  # the CNFs' CFlowConfig fields
+
+
 @dataclass(frozen=True)
 class ClsCnfConfig:
     """Hyperparameters; defaults from the official code (MVTec scripts) unless marked adbench (CPU budget)."""
@@ -105,6 +108,8 @@ class ClsCnfConfig:
     object_mask: str = "none"  # Otsu foreground: none/dark/bright, per MVTec/BTAD category from their class lists
     fill_holes: bool = True  # fill holes of the object mask (not for grid, metal_nut, BTAD 01)
     beta_max: float = 0.8  # blend opacity beta ~ U(0, 0.8) (DRAEM)
+    bn_stats: str = "population"  # decoder BatchNorm at inference: Ioffe & Szegedy's Alg. 2 statistics over one more
+    # pass of synthetic training batches; "running": torch's moving average (theirs), mostly the last ~20 batches
     # stage 2: CFLOW flows on the fine-tuned encoder
     coupling_blocks: int = 6  # their ``-cb 6`` (CFLOW: 8)
     condition_dims: int = 128  # their ``condition_vec``
@@ -134,11 +139,12 @@ class ClsCnfConfig:
     classifier_weight: float = 1.0  # fusion "fixed": their ``--w_fe`` per category (W_FE), elsewhere 1.0
     # added later: runs made before them keep their cell keys (adbench.runner._config_part)
     KEY_SKIP_AT_DEFAULT: ClassVar[tuple[str, ...]] = ("position_norm", "map_blur")
+    VALUE_BEFORE: ClassVar[dict[str, str]] = {"bn_stats": "running"}  # what runs made before the field ran with
 
     def __post_init__(self) -> None:
-        if self.object_mask not in OBJECT_MASK_MODES:
-            raise ConfigError(f"clscnf object_mask must be one of {', '.join(OBJECT_MASK_MODES)}, "
-                              f"got {self.object_mask!r}")
+        for name, valid in (("object_mask", OBJECT_MASK_MODES), ("bn_stats", ("population", "running"))):
+            if getattr(self, name) not in valid:
+                raise ConfigError(f"clscnf {name} must be one of {', '.join(valid)}, got {getattr(self, name)!r}")
         if not self.decoder_blocks or min(self.decoder_blocks) < 1:
             raise ConfigError(f"clscnf decoder_blocks must be positive counts, got {self.decoder_blocks}")
         if self.dtd_root and not Path(self.dtd_root).is_dir():  # checked before any work
@@ -180,12 +186,7 @@ class ClsCnf(Detector):
         self.encoder.precision = "fp32"  # trained in fp32 (``encode``), so its CNF features and maps are fp32 too
         self.decoder = Decoder(extractor.channels, extractor.strides, config.decoder_width, config.decoder_blocks,
                                config.decoder_stride)
-        flow_cfg = CFlowConfig(layers=config.layers, coupling_blocks=config.coupling_blocks,
-                               condition_dims=config.condition_dims, clamp=config.clamp,
-                               permute_soft=config.permute_soft, fiber_batch=config.fiber_batch, lr=config.lr,
-                               batch_size=config.batch_size, epochs=config.epochs,
-                               warmup_epochs=config.warmup_epochs, position_norm=config.position_norm,
-                               map_blur=config.map_blur)
+        flow_cfg = CFlowConfig(**{name: getattr(config, name) for name in _CNF_FIELDS})
         self.cnf = CFlow(self.encoder, image_size, flow_cfg)
         self.baseline = CFlow(extractor, image_size, flow_cfg) if config.baseline_cnf else None
         # joint = (CNF - a) / b + w (classifier - c) / d: [w, a, b, c, d], raw sum until ``select_fusion``
@@ -254,7 +255,11 @@ class ClsCnf(Detector):
             losses = run_stage(stage, progress)
         finally:
             self.encoder.net.requires_grad_(False)
-            self.decoder.eval()
+        if cfg.bn_stats == "population":  # one more pass of fresh synthetic batches, no weight changes
+            population_batchnorm(self.decoder, (encode(self.encoder, synth(idx, gen).images.to(device))
+                                                for idx in store.index_batches(cfg.batch_size, gen)),
+                                 forward=lambda feats: self.decoder(feats, self.image_size))
+        self.decoder.eval()
         starts.append(time.perf_counter())
         split = min(cfg.cls_frozen_epochs, epochs)
         self.stage_seconds["classifier_frozen"] = starts[split] - starts[0] if epochs else 0.0

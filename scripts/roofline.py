@@ -4,7 +4,8 @@ Usage: python scripts/roofline.py [--models cflow,fastflow] [--backbone tf_effic
     [--out results/roofline.md]
 t_backbone = measured time per image of the shared extractor; n = how many extractor passes ``predict`` makes (2 for
 CLS+CNF, whose fine-tuned copy of the extractor runs too: forward hooks count them); F_head = FLOPs per image of
-``predict`` minus those of its n extractor passes (torch's flop counter);
+``predict`` minus those of its n extractor passes (torch's flop counter; CLS+CNF's bicubic resizing counted as torch's
+kernel, no FLOPs, not as the dense matrix products it runs as);
 P = FLOP/s of a large fp32 matrix product on this machine. For CFLOW-AD both inference paths are measured in the same
 run: FrEIA's forward (the paper's FLOPs) and the fused one (fewer FLOPs, same maps). Weights do not change FLOPs or
 speed, so the heads are untrained; PatchCore's memory bank is random rows of the size a fit on ``--train-images``
@@ -18,9 +19,11 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from adbench.features import FeatureExtractor, create_extractor
@@ -62,6 +65,21 @@ def backbone_passes(det: torch.nn.Module, fn) -> int:
     return len(calls)
 
 
+@contextmanager
+def reference_resize(det):
+    """CLS+CNF's decoder resizes as two matrix products (``models._decoder.resize_bicubic``), whose dense matrices are
+    mostly zeros: its FLOPs are counted on torch's bicubic kernel instead, which the counter counts as none."""
+    decoder = getattr(det, "decoder", None)
+    fast = getattr(decoder, "resize", None)
+    if fast is not None:
+        decoder.resize = lambda x, size: F.interpolate(x, size=size, mode="bicubic", align_corners=True)
+    try:
+        yield
+    finally:
+        if fast is not None:
+            decoder.resize = fast
+
+
 def measure(model: str, args, images: torch.Tensor) -> list[dict]:
     """Rows (one per inference path) for ``model``: head GFLOP/image, roofline and measured images/s."""
     cfg = resolve_config(model, args.backbone)
@@ -88,7 +106,8 @@ def measure(model: str, args, images: torch.Tensor) -> list[dict]:
     rows = []
     for fused, t_total in zip(paths, t_paths, strict=True):
         passes = backbone_passes(det, predict(fused))  # each at the backbone's measured rate, not the product's
-        flops = (flops_of(predict(fused)) - passes * f_backbone) / batch
+        with reference_resize(det):
+            flops = (flops_of(predict(fused)) - passes * f_backbone) / batch
         t_total /= batch
         roof = 1 / (passes * t_backbone + flops / peak)
         name = {True: f"{model} (fused)", False: f"{model} (FrEIA)", None: model}[fused]

@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
 
@@ -19,6 +20,7 @@ from adbench.defects import DefectSynthesizer
 from adbench.errors import ConfigError
 from adbench.features import FeatureStore, create_extractor
 from adbench.models import create_model, resolve_config
+from adbench.models._decoder import resize_bicubic
 from adbench.models.clscnf import W_FE, ClsCnfConfig, Decoder
 from adbench.validation import FUSION_SCALINGS, choose_fusion, held_out_rows, synthetic_set
 
@@ -95,6 +97,8 @@ def test_paper_preset_applies_their_per_class_schedule_exceptions():
 def test_bad_values_are_config_errors():
     with pytest.raises(ConfigError, match="object_mask must be one of"):
         resolve_config("clscnf", "resnet18", {"object_mask": "left"})
+    with pytest.raises(ConfigError, match="bn_stats must be one of population, running, got 'ema'"):
+        resolve_config("clscnf", "resnet18", {"bn_stats": "ema"})
     with pytest.raises(ConfigError, match="decoder_blocks must be positive"):
         resolve_config("clscnf", "resnet18", {"decoder_blocks": "1,0,1,1"})
     with pytest.raises(ConfigError, match="dtd_root /no/such/dtd is not a folder"):
@@ -125,6 +129,23 @@ def test_decoder_shapes():
     assert coarse(feats, SIZE).shape == (2, SIZE, SIZE) and len(coarse.groups) == 2
     with pytest.raises(ConfigError, match="decoder_stride must be a power of two <= 4, got 3"):
         Decoder([128, 256, 512], [8, 16, 32], 16, (1, 1), out_stride=3)
+
+
+@pytest.mark.parametrize("shape,size", [((2, 5, 8, 8), (16, 16)), ((1, 3, 7, 9), (13, 4)), ((2, 2, 1, 5), (3, 10)),
+                                        ((4, 16, 32, 32), (64, 64))])
+def test_bicubic_resize_equals_torch(shape, size):
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 3
+    expected = F.interpolate(x, size=size, mode="bicubic", align_corners=True)
+    assert (resize_bicubic(x, size) - expected).abs().max() <= 1e-5 * x.abs().max()  # float32 rounding
+
+
+def test_decoder_resizes_as_torch_bicubic():
+    dec = Decoder([128, 256, 512], [8, 16, 32], 16, (1, 2, 1, 1)).eval()
+    feats = [torch.randn(2, c, SIZE // s, SIZE // s) for c, s in ((128, 8), (256, 16), (512, 32))]
+    with torch.no_grad():
+        fast = dec(feats, SIZE)
+        dec.resize = lambda t, target: F.interpolate(t, size=target, mode="bicubic", align_corners=True)
+        assert (fast - dec(feats, SIZE)).abs().max() <= 1e-5 * fast.abs().max()
 
 
 def test_classifier_learns_synthetic_defects():
@@ -170,6 +191,21 @@ def test_stages_freeze_and_train_the_right_parameters(images):
     model.fit_cnf(images)
     assert same(params(model.encoder), encoder) and same(params(model.decoder), decoder)
     assert not same(params(model.cnf.flows), flows) and torch.isfinite(model.cnf.train_max).all()
+
+
+@pytest.mark.parametrize("bn_stats,passes", [("population", 1), ("running", 2)])
+def test_decoder_batchnorm_statistics(images, bn_stats, passes):
+    """population: after training, one more pass of synthetic batches sets every decoder BatchNorm's statistics (the
+    batches' average); running: torch's moving average over the training steps. The weights are the same."""
+    model = tiny(cls_frozen_epochs=1, cls_finetune_epochs=1, bn_stats=bn_stats)
+    model.fit_classifier(images)
+    norms = [m for m in model.decoder.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and all(int(m.num_batches_tracked) == passes * 2 for m in norms)  # 16 images, batches of 8
+    assert not model.decoder.training
+    weights = params(model.decoder)
+    other = tiny(cls_frozen_epochs=1, cls_finetune_epochs=1, bn_stats="running" if passes == 1 else "population")
+    other.fit_classifier(images)
+    assert same(params(other.decoder), weights)
 
 
 def test_fusion_arithmetic_and_parts(images):
