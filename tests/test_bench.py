@@ -29,7 +29,8 @@ def test_bench_writes_table(tmp_path):
         assert all(v > 0 for v in values), row
         assert values[1] <= values[0]  # the training loops are part of the fit
         assert values[4] <= values[7] * 1.5  # end-to-end throughput cannot beat the backbone alone by much
-        assert values[3] >= 0.95 * values[2] / values[0]  # steps/s over the loop's seconds, not the whole fit's
+        assert values[3] >= 0.95 * values[2] / (values[0] + 0.05)  # over the loop's seconds, not the fit's (fit s
+        # rounded to 0.1 in the table)
     # one epoch of the synthetic 60 training images: FastFlow's batches of 32 -> 2 steps; CFLOW-AD: its fiber steps
     steps = {r[0].strip(): int(r[3]) for r in rows}
     assert steps["fastflow"] == 2 and steps["cflow"] > 2, steps
