@@ -35,6 +35,7 @@ from adbench.features import cache_key, check_precision, create_extractor, extra
 from adbench.models import create_model, resolve_config
 from adbench.progress import NULL_PROGRESS, Progress
 from adbench.results import check_writable, finite_or_none, mark_cell, run_name, write_run
+from adbench.train import STAGE_TASK
 
 
 @dataclass(frozen=True)
@@ -426,7 +427,7 @@ class EpochHook(Progress):
     @contextmanager
     def task(self, description: str, total: int | None = None) -> Iterator:
         with self.inner.task(description, total) as advance:
-            if not description.startswith("train "):  # train.run_stage: one step per epoch
+            if not description.startswith(STAGE_TASK):  # train.run_stage: one step per epoch
                 yield advance
                 return
             done = 0

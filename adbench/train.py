@@ -49,6 +49,9 @@ class Stage:
     history: list[float] = field(default_factory=list)
 
 
+STAGE_TASK = "train "  # the progress task of each stage's loop is STAGE_TASK + its name (one step per epoch)
+
+
 def adam(params: list[dict], lr: float, weight_decay: float = 0.0) -> torch.optim.Adam:
     """Adam over param groups, fused (one kernel for all tensors) where torch has it for every parameter's device.
 
@@ -89,7 +92,7 @@ def run_stage(stage: Stage, progress: Progress = NULL_PROGRESS) -> list[float]:
     opt = adam([{**g, "params": list(g["params"])} for g in groups], stage.lr, stage.weight_decay)
     base_lrs = [group["lr"] for group in opt.param_groups]
     every = [p for group in opt.param_groups for p in group["params"]]
-    with progress.task(f"train {stage.name}", total=stage.epochs) as advance:
+    with progress.task(f"{STAGE_TASK}{stage.name}", total=stage.epochs) as advance:
         for epoch in range(stage.epochs):
             total, count, losses = 0.0, 0, []
             if stage.lr_factor is not None:

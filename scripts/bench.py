@@ -30,6 +30,7 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from adbench.progress import Progress
+from adbench.train import STAGE_TASK
 
 # "One epoch" for detectors with several training stages: one pass of each (besides ``epochs=1``)
 ONE_EPOCH = {"clscnf": {"cls_frozen_epochs": 1, "cls_finetune_epochs": 1}}
@@ -75,7 +76,7 @@ class StageTimer(Progress):
         try:
             yield lambda n=1, **fields: None
         finally:
-            if description.startswith("train "):
+            if description.startswith(STAGE_TASK):
                 self.seconds += time.perf_counter() - t0
 
 
