@@ -155,8 +155,22 @@ def validation_table(frame: pd.DataFrame) -> pd.DataFrame:
         scored = scored.astype(dict.fromkeys([*SHORT, "nll"], float))
         rows.append({"dataset": dataset, "detector": column,
                      **{short: _mean_cell(scored, m, n_categories) for m, short in SHORT.items()},
-                     "held-out NLL / dim": _mean_cell(scored, "nll", n_categories, scale=1.0, digits=3)})
-    return pd.DataFrame(rows, columns=["dataset", "detector", *SHORT.values(), "held-out NLL / dim"])
+                     "held-out NLL / dim": _mean_cell(scored, "nll", n_categories, scale=1.0, digits=3),
+                     "seed agreement": seed_agreement(runs)})
+    return pd.DataFrame(rows, columns=["dataset", "detector", *SHORT.values(), "held-out NLL / dim", "seed agreement"])
+
+
+def seed_agreement(runs: pd.DataFrame) -> str:
+    """How alike the seeds rank the validation images: the Spearman correlation of two seeds' per-image scores
+    (validation ``scores``), averaged over the pairs of seeds and then the categories; "–" below two seeds."""
+    per_category = []
+    for _, group in runs.groupby("category"):
+        scores = [v["scores"] for v in group.validation if v.get("scores")]
+        if len(scores) < 2 or len({len(s) for s in scores}) > 1:
+            continue
+        corr = pd.DataFrame(scores).T.corr("spearman").to_numpy()
+        per_category.append(corr[np.triu_indices(len(scores), 1)].mean())
+    return f"{np.mean(per_category):.3f}" if per_category else "–"
 
 
 def selection_table(frame: pd.DataFrame) -> pd.DataFrame:
@@ -255,7 +269,9 @@ def report_with_figures(results_dir: Path, stem: str | None,
         parts.append("## Validation split (%)\n\nRuns made with `--validation F` hold out a fraction F of the training "
                      "images and score them as they are and with one synthetic defect each (`adbench.validation`): "
                      "what a setting is chosen on, never the test split. Held-out NLL: mean negative log-likelihood "
-                     "per dimension of the held-out normal features (lower = a better density).\n\n"
+                     "per dimension of the held-out normal features (lower = a better density). Seed agreement: the "
+                     "Spearman correlation of two seeds' scores of the same validation images, averaged over pairs "
+                     "(1 = every seed ranks them alike).\n\n"
                      f"{_markdown(validated)}\n")
     chosen = selection_table(frame) if "selection" in frame else []
     if len(chosen):

@@ -34,6 +34,10 @@ class Stage:
         grad_clip: clip the gradient norm to this value if set.
         check_every: steps between two looks at the losses (NaN/inf guard and epoch mean; each one waits for the
             device), and at the end of every epoch.
+        average_last: if > 0, the weights after every step of this final fraction of the epochs (at least one
+            epoch) enter a running mean, copied into the parameters when the stage ends (Polyak-Ruppert tail averaging,
+            as SWA does per step). Buffers (BatchNorm statistics) are not averaged: recompute them for the averaged
+            weights, as SWA does (``models/_batchnorm.py``).
     """
 
     name: str
@@ -46,6 +50,7 @@ class Stage:
     lr_factor: Callable[[int], float] | None = None
     grad_clip: float | None = None
     check_every: int = 64
+    average_last: float = 0.0
     history: list[float] = field(default_factory=list)
 
 
@@ -92,6 +97,8 @@ def run_stage(stage: Stage, progress: Progress = NULL_PROGRESS) -> list[float]:
     opt = adam([{**g, "params": list(g["params"])} for g in groups], stage.lr, stage.weight_decay)
     base_lrs = [group["lr"] for group in opt.param_groups]
     every = [p for group in opt.param_groups for p in group["params"]]
+    mean, averaged = [], 0  # the tail average (``average_last``) and how many steps it holds
+    average_from = stage.epochs - max(1, round(stage.average_last * stage.epochs)) if stage.average_last > 0 else None
     with progress.task(f"{STAGE_TASK}{stage.name}", total=stage.epochs) as advance:
         for epoch in range(stage.epochs):
             total, count, losses = 0.0, 0, []
@@ -105,10 +112,19 @@ def run_stage(stage: Stage, progress: Progress = NULL_PROGRESS) -> list[float]:
                 if stage.grad_clip is not None:
                     torch.nn.utils.clip_grad_norm_(every, stage.grad_clip)
                 opt.step()
+                if average_from is not None and epoch >= average_from:
+                    averaged += 1
+                    with torch.no_grad():
+                        mean = [p.detach().clone() for p in every] if averaged == 1 else mean
+                        for m, p in zip(mean, every, strict=True):
+                            m.lerp_(p.detach(), 1.0 / averaged)
                 losses.append(loss.detach())
                 if len(losses) == stage.check_every:
                     total, count, losses = total + _checked(stage, losses, epoch, count), count + len(losses), []
             total, count = total + _checked(stage, losses, epoch, count), count + len(losses)
             stage.history.append(total / max(count, 1))
             advance(1, loss=stage.history[-1])
+    with torch.no_grad():
+        for m, p in zip(mean, every, strict=False):  # empty unless averaged
+            p.copy_(m)
     return stage.history

@@ -79,6 +79,7 @@ def validate(detector, held_out: dict[str, Any], predict_all, batch_size: int, d
         "n_held_out": len(held_out["image"]), "n_defective": int(data["label"].sum()),
         "defect_sources": data["sources"],
         "metrics": M.compute_metrics(scores, data["label"], maps, data["mask"]),
+        "scores": [float(s) for s in scores],  # the held-out images, then their defective copies
     }
     nll = getattr(detector, "heldout_nll", None)
     if nll is not None:

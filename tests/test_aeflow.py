@@ -266,6 +266,8 @@ def test_finetune_encoder_trains_a_copy_and_keeps_the_extractor():
         ({"flow_steps": "0"}, "flow_steps=0 is invalid"),
         ({"grad_clip": "-1"}, "aeflow: grad_clip=-1.0 is invalid; it must be >= 0"),
         ({"bn_stats": "ema"}, "aeflow bn_stats must be population or running, got 'ema'"),
+        ({"average_last": "1"}, "aeflow: average_last=1.0 must be in"),
+        ({"average_last": "0.25", "bn_stats": "running"}, "needs bn_stats=population"),
     ],
 )
 def test_bad_config_values(overrides, message):
@@ -316,15 +318,17 @@ def test_short_run_loss_never_jumps_on_synthetic_data(tmp_path):
     assert means == pytest.approx(history, rel=1e-5)
 
 
-@pytest.mark.parametrize("clip, expected", [("1.0", 1.0), ("0", None)])
-def test_grad_clip_reaches_the_training_stage(monkeypatch, clip, expected):
-    """The stabiliser is the shared loop's gradient-norm clipping (0 = the paper's plain Adam)."""
+@pytest.mark.parametrize("clip, expected, average", [("1.0", 1.0, "0"), ("0", None, "0.25")])
+def test_stabilisers_reach_the_training_stage(monkeypatch, clip, expected, average):
+    """Clipping and tail averaging are the shared loop's (grad_clip 0 = the paper's plain Adam; average_last 0 = the
+    last step's weights)."""
     import adbench.models.aeflow as aeflow_module
 
     seen = []
-    monkeypatch.setattr(aeflow_module, "run_stage", lambda stage, progress: seen.append(stage.grad_clip) or [1.0])
+    monkeypatch.setattr(aeflow_module, "run_stage",
+                        lambda stage, progress: seen.append((stage.grad_clip, stage.average_last)) or [1.0])
     monkeypatch.setattr(aeflow_module.AEFlow, "calibrate", lambda self, features: None)
-    model = make({"epochs": 1, "grad_clip": clip})
+    model = make({"epochs": 1, "grad_clip": clip, "average_last": average})
     images = smooth_images(4, 32)
     model.fit(FeatureStore([t.clone() for t in model.extractor(images)]), images=images)
-    assert seen == [expected]
+    assert seen == [(expected, float(average))]

@@ -111,7 +111,7 @@ def test_grid_runs_as_one_job_array_and_reports_like_a_local_sweep(tmp_path):
 
 def test_a_cancelled_task_fails_without_a_result_and_costs_one_rerun(tmp_path, request):
     grid = grid_file(tmp_path, ('["fastflow", "cflow"]', '["cflow", "fastflow"]'), (', "pattern"', ""),
-                     ("parallelism = 2", "parallelism = 1"), cflow="epochs = 400\n")  # one runs about a minute, one waits
+                     ("parallelism = 2", "parallelism = 1"), cflow="epochs = 400\n")  # one runs ~1 min, one waits
     # (50 epochs, 8 s on 2 cores, once ended before the scancel below reached it; the rerun pays the minute again)
     results = tmp_path / "res"
     victim, other = expand(load_grid(grid), results)

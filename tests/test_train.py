@@ -67,6 +67,34 @@ def test_stage_matches_the_straightforward_loop_and_checks_losses_in_windows():
     assert history == pytest.approx([sum(steps[i : i + 150]) / 150 for i in (0, 150, 300)], rel=1e-12, abs=0)
 
 
+@pytest.mark.parametrize("last, averaged_epochs", [(0.25, 1), (0.5, 2), (0.01, 1)])
+def test_tail_averaging_ends_on_the_mean_of_the_last_epochs_weights(last, averaged_epochs):
+    """``average_last``: the same steps and losses as without it, and the parameters end as the mean of the weights
+    after every step of the last epochs (at least one), which a plain run passes through."""
+    torch.manual_seed(0)
+    data = [(torch.randn(8, 3), torch.randn(8, 1)) for _ in range(5)]
+    start = torch.nn.Linear(3, 1)
+
+    def train(average_last: float) -> tuple[torch.nn.Module, list[torch.Tensor], list[float]]:
+        net, seen = copy.deepcopy(start), []
+
+        def loss(batch):  # the weights each step starts from: the previous step's result
+            seen.append(torch.cat([p.detach().flatten() for p in net.parameters()]))
+            return torch.nn.functional.mse_loss(net(batch[0]), batch[1])
+
+        history = run_stage(Stage(name="t", params=list(net.parameters()), loss=loss, batches=lambda epoch: data,
+                                  epochs=4, lr=0.05, average_last=average_last))
+        return net, seen, history
+
+    plain, iterates, plain_history = train(0.0)
+    averaged, _, history = train(last)
+    after_steps = [*iterates[1:], torch.cat([p.detach().flatten() for p in plain.parameters()])]
+    expected = torch.stack(after_steps[-averaged_epochs * len(data) :]).mean(0)
+    assert history == plain_history
+    got = torch.cat([p.detach().flatten() for p in averaged.parameters()])
+    assert torch.allclose(got, expected, atol=1e-6) and not torch.allclose(got, after_steps[-1], atol=1e-3)
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_nan_guard_names_the_epoch_the_step_and_the_window(bad):
     param = torch.nn.Parameter(torch.zeros(1))

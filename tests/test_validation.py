@@ -49,6 +49,7 @@ def test_a_run_with_validation_records_it_and_trains_on_the_rest(tmp_path):
     assert result["n_train"] == full - v["n_held_out"] and v["fraction"] == 0.25
     assert set(v["metrics"]) == set(result["metrics"]) and np.isfinite(v["heldout_nll_per_dim"])
     assert v["n_defective"] > 0 and sum(v["defect_sources"].values()) == v["n_held_out"]
+    assert len(v["scores"]) == v["n_held_out"] + v["n_defective"] and np.isfinite(v["scores"]).all()
     plain = RunSpec(**{**spec.__dict__, "validation": 0.0})
     from adbench.models import resolve_config
     from adbench.runner import cell_key
@@ -60,3 +61,17 @@ def test_a_run_with_validation_records_it_and_trains_on_the_rest(tmp_path):
     report = build_report(tmp_path)
     assert "## Validation split (%)" in report
     assert f"| {v['metrics']['image_auroc'] * 100:.1f}" in report.split("## Validation split")[1]
+
+
+def test_seed_agreement_is_the_mean_spearman_correlation_of_the_seeds_validation_scores():
+    import pandas as pd
+
+    from adbench.report import seed_agreement
+
+    def runs(*scores):
+        return pd.DataFrame({"category": ["a"] * len(scores), "validation": [{"scores": s} for s in scores]})
+
+    assert seed_agreement(runs([1, 2, 3, 4], [10, 20, 30, 40])) == "1.000"  # ranks alike, whatever the scale
+    assert seed_agreement(runs([1, 2, 3, 4], [4, 3, 2, 1])) == "-1.000"
+    assert seed_agreement(runs([1, 2, 3, 4], [1, 2, 3, 4], [4, 3, 2, 1])) == f"{(1 - 1 - 1) / 3:.3f}"  # 3 pairs
+    assert seed_agreement(runs([1, 2, 3])) == "–" and seed_agreement(runs([1, 2], [1, 2, 3])) == "–"
