@@ -195,14 +195,14 @@ def test_population_batchnorm_averages_the_batches_statistics():
 
 
 def test_fit_sets_population_batchnorm_statistics(trained):
-    model, images, store, _, _ = trained
-    assert model.config.bn_stats == "population"
+    model, images, store, history, _ = trained
+    assert (model.config.bn_stats, model.config.average_last) == ("population", 0.25)
     norms = [m for m in model.flow.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert norms and all(int(m.num_batches_tracked) == 2 for m in norms)  # 8 images in batches of 4, once
-    running = make({"epochs": 40, "bn_stats": "running"})
-    running.fit(FeatureStore([t.clone() for t in store.tensors]), images=images)
-    same = dict(running.flow.named_parameters())
-    assert all(torch.equal(p, same[k]) for k, p in model.flow.named_parameters())  # the training is the same
+    running = make({"epochs": 40, "bn_stats": "running", "average_last": "0"})  # the last step's weights
+    assert running.fit(FeatureStore([t.clone() for t in store.tensors]), images=images)["aeflow"] == history
+    same = dict(running.flow.named_parameters())  # the same steps; the averaged weights are not the last ones
+    assert not all(torch.equal(p, same[k]) for k, p in model.flow.named_parameters())
     other = [m for m in running.flow.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert int(other[0].num_batches_tracked) == 80  # torch's moving average over every step
     assert not torch.allclose(norms[0].running_var, other[0].running_var)
@@ -267,7 +267,7 @@ def test_finetune_encoder_trains_a_copy_and_keeps_the_extractor():
         ({"grad_clip": "-1"}, "aeflow: grad_clip=-1.0 is invalid; it must be >= 0"),
         ({"bn_stats": "ema"}, "aeflow bn_stats must be population or running, got 'ema'"),
         ({"average_last": "1"}, "aeflow: average_last=1.0 must be in"),
-        ({"average_last": "0.25", "bn_stats": "running"}, "needs bn_stats=population"),
+        ({"bn_stats": "running"}, "average_last=0.25 .* needs bn_stats=population"),
     ],
 )
 def test_bad_config_values(overrides, message):
