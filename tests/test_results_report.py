@@ -258,11 +258,32 @@ def test_committed_mtd_report_is_what_its_command_writes(mtd_report):
         "results/sweep_mtd --output results/sweep_mtd.md --figures"
 
 
-def test_readme_mtd_table_is_the_reports_summary(mtd_report):
+def test_readme_mtd_table_is_the_reports_summary_at_the_readmes_commands(mtd_report, real_data_root, monkeypatch):
+    """The README's MTD table: the report's summary rows of the runs its `adbench sweep` commands stand on (the
+    newest run of each of their grids' cells), every other row left to results/sweep_mtd.md."""
+    monkeypatch.setenv("ADBENCH_DATA", str(real_data_root))
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        from sync_tables import current_detectors, current_rows
+    finally:
+        sys.path.pop(0)
     readme = (REPO / "README.md").read_text()
     block = readme.split("<!-- results:mtd:begin")[1].split("<!-- results:mtd:end -->")[0]
-    summary = mtd_report.split("## Summary: mtd")[1].split("\n## ")[0]
-    assert _tables(block) == _tables(summary)
+    (summary,) = _tables(mtd_report.split("## Summary: mtd")[1].split("\n## ")[0])
+    current = current_detectors(readme, REPO / "results" / "sweep_mtd")
+    assert {"padim (reference)", "patchcore (reference)"} < current
+    assert _tables(block) == [current_rows(summary + "\n", current).strip()]
+    assert len(_tables(block)[0].splitlines()) == 2 + len(current) < len(summary.splitlines())
+
+
+def test_current_rows_keep_the_header_and_the_named_detectors():
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        from sync_tables import current_rows
+    finally:
+        sys.path.pop(0)
+    table = "| detector | x |\n|:--|:--|\n| a (s=1) | 1 |\n| a (s=2) | 2 |\n| b | 3 |\n"
+    assert current_rows(table, {"a (s=2)", "b"}) == "| detector | x |\n|:--|:--|\n| a (s=2) | 2 |\n| b | 3 |\n"
 
 
 def test_ablation_tables_are_the_reports_parts_table(mtd_report):
