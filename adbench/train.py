@@ -1,4 +1,5 @@
-"""The one training loop every detector plugs into: Adam, epochs, an optional LR schedule, progress, a NaN guard.
+"""The one training loop every detector plugs into: Adam, epochs, an optional LR schedule, gradient clipping, tail
+averaging of the weights, progress, a NaN guard.
 
 A detector describes each training stage as a ``Stage`` (its parameters, a loss on one batch, the batches of an
 epoch) and calls ``run_stage``. Stages that need something else (two optimisers, GAN-style) can still call it twice.
@@ -115,9 +116,10 @@ def run_stage(stage: Stage, progress: Progress = NULL_PROGRESS) -> list[float]:
                 if average_from is not None and epoch >= average_from:
                     averaged += 1
                     with torch.no_grad():
-                        mean = [p.detach().clone() for p in every] if averaged == 1 else mean
-                        for m, p in zip(mean, every, strict=True):
-                            m.lerp_(p.detach(), 1.0 / averaged)
+                        if averaged == 1:
+                            mean = [p.detach().clone() for p in every]
+                        for m, p in zip(mean, every, strict=True):  # running mean: m += (p - m) / n
+                            m.lerp_(p, 1.0 / averaged)
                 losses.append(loss.detach())
                 if len(losses) == stage.check_every:
                     total, count, losses = total + _checked(stage, losses, epoch, count), count + len(losses), []
