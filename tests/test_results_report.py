@@ -240,6 +240,17 @@ REPO = Path(__file__).resolve().parents[1]
 IMAGE_LINE = r"\n!\[[^\]]*\]\([^)]*\)\n"  # figure lines: the only thing --figures adds to the markdown
 
 
+def _script(name: str):
+    """The module ``scripts/<name>.py`` (the scripts folder is not a package)."""
+    import importlib
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+
+
 def _tables(text: str) -> list[str]:
     """The markdown tables of a text, each as its lines joined."""
     return ["\n".join(t.strip().splitlines()) for t in re.findall(r"(?:^\|.*\|\n)+", text, flags=re.M)]
@@ -262,11 +273,8 @@ def test_readme_mtd_table_is_the_reports_summary_at_the_readmes_commands(mtd_rep
     """The README's MTD table: the report's summary rows of the runs its `adbench sweep` commands stand on (the
     newest run of each of their grids' cells), every other row left to results/sweep_mtd.md."""
     monkeypatch.setenv("ADBENCH_DATA", str(real_data_root))
-    sys.path.insert(0, str(REPO / "scripts"))
-    try:
-        from sync_tables import current_detectors, current_rows
-    finally:
-        sys.path.pop(0)
+    sync = _script("sync_tables")
+    current_detectors, current_rows = sync.current_detectors, sync.current_rows
     readme = (REPO / "README.md").read_text()
     block = readme.split("<!-- results:mtd:begin")[1].split("<!-- results:mtd:end -->")[0]
     (summary,) = _tables(mtd_report.split("## Summary: mtd")[1].split("\n## ")[0])
@@ -277,11 +285,7 @@ def test_readme_mtd_table_is_the_reports_summary_at_the_readmes_commands(mtd_rep
 
 
 def test_current_rows_keep_the_header_and_the_named_detectors():
-    sys.path.insert(0, str(REPO / "scripts"))
-    try:
-        from sync_tables import current_rows
-    finally:
-        sys.path.pop(0)
+    current_rows = _script("sync_tables").current_rows
     table = "| detector | x |\n|:--|:--|\n| a (s=1) | 1 |\n| a (s=2) | 2 |\n| b | 3 |\n"
     assert current_rows(table, {"a (s=2)", "b"}) == "| detector | x |\n|:--|:--|\n| a (s=2) | 2 |\n| b | 3 |\n"
 
@@ -294,11 +298,7 @@ def test_ablation_tables_are_the_reports_parts_table(mtd_report):
 def test_epoch_sweep_tables_are_what_the_script_prints_from_its_csvs():
     import pandas as pd
 
-    sys.path.insert(0, str(REPO / "scripts"))
-    try:
-        from epoch_sweep import markdown
-    finally:
-        sys.path.remove(str(REPO / "scripts"))
+    markdown = _script("epoch_sweep").markdown
     expected = [markdown(pd.read_csv(REPO / "results" / "sweeps" / f"{m}_tf_efficientnet_lite0_mtd_256_s0.csv"))
                 for m in ("fastflow", "cflow")]
     assert _tables((REPO / "results" / "epoch_sweeps.md").read_text()) == [t.strip() for t in expected]
