@@ -8,7 +8,8 @@ the rows of older code or former defaults stay in results/sweep_mtd.md.
     python scripts/sync_tables.py            # writes both copies
     python scripts/sync_tables.py --check    # writes nothing; exit 1 if a copy differs from the report
 
-Run after ``adbench report --results-dir results/sweep_mtd --output results/sweep_mtd.md``;
+Needs MTD under ADBENCH_DATA (to expand the grids). Run after
+``adbench report --results-dir results/sweep_mtd --output results/sweep_mtd.md``;
 tests/test_results_report.py checks that the copies match.
 """
 
@@ -61,8 +62,13 @@ def main() -> None:
     args = parser.parse_args()
     report = (REPO / "results" / "sweep_mtd.md").read_text()
     readme, ablations = REPO / "README.md", REPO / "results" / "ablations.md"
-    summary = current_rows(section_table(report, "Summary: mtd"),
-                           current_detectors(readme.read_text(), REPO / "results" / "sweep_mtd"))
+    from adbench.errors import AdbenchError
+
+    try:  # the README's grids name MTD, which must be under ADBENCH_DATA to expand them
+        current = current_detectors(readme.read_text(), REPO / "results" / "sweep_mtd")
+    except AdbenchError as err:
+        sys.exit(f"error: {err}")
+    summary = current_rows(section_table(report, "Summary: mtd"), current)
     updates = {readme: replace_first_table(readme.read_text(), summary, after="<!-- results:mtd:begin"),
                ablations: replace_first_table(ablations.read_text(), section_table(report, "Parts scored alone (%)"))}
     stale = [path.relative_to(REPO).as_posix() for path, text in updates.items() if path.read_text() != text]

@@ -284,6 +284,17 @@ def test_readme_mtd_table_is_the_reports_summary_at_the_readmes_commands(mtd_rep
     assert len(_tables(block)[0].splitlines()) == 2 + len(current) < len(summary.splitlines())
 
 
+def test_sync_tables_without_mtd_says_so_in_one_line_and_writes_nothing(tmp_path):
+    import os
+    import subprocess
+
+    before = (REPO / "README.md").read_text()
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "sync_tables.py")], capture_output=True, text=True,
+                          env={**os.environ, "ADBENCH_DATA": str(tmp_path)}, timeout=300)
+    assert proc.returncode == 1 and proc.stderr.strip().startswith("error: mtd not found at"), proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and (REPO / "README.md").read_text() == before
+
+
 def test_current_rows_keep_the_header_and_the_named_detectors():
     current_rows = _script("sync_tables").current_rows
     table = "| detector | x |\n|:--|:--|\n| a (s=1) | 1 |\n| a (s=2) | 2 |\n| b | 3 |\n"
