@@ -461,7 +461,7 @@ def cell_states(cells: list[Cell]) -> dict[str, str]:
         made_by = code_state(cell, run) if run else "todo"
         if made_by in ("done", "unknown"):
             out[cell.key] = "done" if made_by == "done" else "done (unknown code)"
-        elif state == "PENDING":
+        elif state == "PENDING" and not holder:  # a task that took the lock has started; sacct can lag behind
             out[cell.key] = f"queued (job {job})"
         elif job and state not in ENDED and (state or holder):  # a lock whose job Slurm cannot tell about counts
             out[cell.key] = f"running (job {job})"

@@ -223,6 +223,20 @@ def test_a_sweep_that_ends_with_busy_cells_exits_non_zero_and_lists_them(tmp_pat
     assert f"running ({socket.gethostname()}:{os.getpid()})  {held.name}" in dry.output
 
 
+def test_dry_run_shows_a_slurm_task_that_took_its_lock_as_running_even_while_sacct_still_says_pending(tmp_path,
+                                                                                                   monkeypatch):
+    path, res = grid_file(tmp_path), tmp_path / "res"
+    started, waiting = expand(load_grid(path), res)
+    for folder in ("locks", "jobs"):
+        (res / folder).mkdir(parents=True)
+    for cell, job in ((started, "12_0"), (waiting, "12_1")):
+        (res / "jobs" / f"{cell.name}.{cell.key}.json").write_text(json.dumps({"slurm_job": job}))
+    (res / "locks" / f"{started.name}.{started.key}.lock").write_text(json.dumps({"host": "n1", "slurm_job": "12_0"}))
+    monkeypatch.setattr(sweep_module, "slurm_states", lambda jobs: dict.fromkeys(jobs, "PENDING"))  # sacct lags
+    dry = sweep_cli(path, res, "--dry-run")
+    assert f"running (job 12_0)  {started.name}" in dry and f"queued (job 12_1)  {waiting.name}" in dry
+
+
 def test_a_lock_taken_in_a_slurm_job_expires_with_the_job_on_any_host(tmp_path, monkeypatch):
     (cell, _) = expand(load_grid(grid_file(tmp_path)), tmp_path / "res")
     lock = tmp_path / "res" / "locks" / f"{cell.name}.{cell.key}.lock"
