@@ -7,9 +7,8 @@ Official code: gudovskiy/cflow-ad (``model.py``, ``train.py``, ``config.py``, ``
 - one conditional flow per stage: FrEIA ``AllInOneBlock`` x 8, subnet Linear(d, 2d)-ReLU-Linear(2d, out), clamp 1.9;
 - loss per fiber batch of 256: -logsigmoid(log p / C), log p = -C ln sqrt(2 pi) - |z|^2 / 2 + log|det J|;
 - anomaly map: per stage exp(log p / C - max over the TRAINING set), bilinear (align_corners) to the input, summed over
-  stages and inverted (then blurred if ``map_blur``). The official code subtracts the test-set maximum instead
-  (cflow-ad issue 24), which makes scores depend on the test set; with training-set maxima a map does not depend on
-  the test batch. Image score = map max.
+  stages and inverted (then blurred if ``map_blur``); image score = map max. The official code subtracts the
+  test-set maximum instead (cflow-ad issue 24), which makes every score depend on the whole test set.
 """
 
 from __future__ import annotations
@@ -30,6 +29,7 @@ from adbench.features import FeatureExtractor, FeatureStore
 from adbench.models._maps import blur
 from adbench.models._position import POSITION_NORMS, position_layers
 from adbench.models._registry import Detector, Prediction, register_model
+from adbench.models._resize import resize
 from adbench.progress import NULL_PROGRESS, Progress
 from adbench.train import Stage, run_stage
 
@@ -172,20 +172,21 @@ def block_parts(flow: Ff.SequenceINN, pos: torch.Tensor, perms: list[torch.Tenso
 
 
 def coupling_log_prob(x: torch.Tensor, parts: list[tuple]) -> torch.Tensor:
-    """log p / C [N] of fibers ``x`` [N, C] through the blocks ``parts`` (``block_parts``; the first N addend rows).
+    """log p / C [N] of fibers ``x`` [N, C] through the blocks ``parts`` (``block_parts``; N = k x its addend rows).
 
     The FrEIA ``AllInOneBlock`` forward (subnet on [x1, cond], a *= 0.1, s = clamp * tanh(a_s), x2 * exp(s) + a_t,
     global affine, permutation) with the condition's share of the first layer precomputed; differentiable (the
-    in-place ops touch no tensor autograd saves). ``tests/test_cflow.py`` checks it against FrEIA, also in training.
+    in-place ops touch no tensor autograd saves); on the CPU, tanh of a copy of the strided half is up to 6x faster,
+    the permutation by gather 1.5x faster than by index_select. ``tests/test_cflow.py`` checks it against FrEIA.
     """
-    n, log_jac = len(x), 0.0
+    log_jac = 0.0
     for addend, w_x, last, clamp, scale, offset, perm, log_scale in parts:
         x1, x2 = x.split([len(w_x), x.shape[1] - len(w_x)], dim=1)
-        hidden = torch.addmm(addend if len(addend) == n else addend[:n], x1, w_x).relu_()
+        hidden = torch.mm(x1, w_x).view(-1, *addend.shape).add_(addend).view(len(x), -1).relu_()  # k images at once
         a_s, a_t = torch.addmm(last.bias, hidden, last.weight.T, beta=0.1, alpha=0.1).split(x2.shape[1], dim=1)
-        s = torch.tanh(a_s).mul(clamp)
+        s = torch.tanh(a_s.contiguous()).mul(clamp)
         x = torch.addcmul(offset, torch.cat((x1, torch.addcmul(a_t, x2, torch.exp(s))), dim=1), scale)
-        x = x.index_select(1, perm) if perm.dtype == torch.long else x @ perm
+        x = torch.gather(x, 1, perm.expand(len(x), -1)) if perm.dtype == torch.long else x @ perm
         log_jac = log_jac + (s.sum(dim=1) + log_scale)
     return log_prob_per_dim(x, log_jac)
 
@@ -198,8 +199,7 @@ def fused_log_prob(flow: Ff.SequenceINN, feat: torch.Tensor, pos: torch.Tensor, 
     """
     b, c, h, w = feat.shape
     per_chunk = max(1, min(b, rows // (h * w)))  # whole images per chunk, so the position addend lines up
-    where = torch.arange(per_chunk * h * w, device=feat.device) % (h * w)
-    parts = block_parts(flow, pos, hard_permutations(flow), where)
+    parts = block_parts(flow, pos, hard_permutations(flow), torch.arange(h * w, device=feat.device))
     fibers = feat.permute(0, 2, 3, 1).flatten(0, 2)
     out = torch.empty(len(fibers), dtype=fibers.dtype, device=fibers.device)
     for start in range(0, len(fibers), per_chunk * h * w):
@@ -299,10 +299,7 @@ class CFlow(Detector):
         """Sum over stages of exp(log p - top), bilinear to the input size, inverted: constant - likelihood; then
         blurred by ``map_blur`` (none by default)."""
         size = (self.image_size, self.image_size)
-        likelihood = sum(
-            F.interpolate(torch.exp(m - top).unsqueeze(1), size=size, mode="bilinear", align_corners=True)[:, 0]
-            for m, top in zip(maps, tops, strict=True)
-        )
+        likelihood = sum(resize(torch.exp(m - top), size) for m, top in zip(maps, tops, strict=True))  # align_corners
         return blur(len(maps) - likelihood, self.config.map_blur)
 
     @torch.no_grad()

@@ -4,8 +4,8 @@ Usage: python scripts/roofline.py [--models cflow,fastflow] [--backbone tf_effic
     [--out results/roofline.md]
 t_backbone = measured time per image of the shared extractor; n = how many extractor passes ``predict`` makes (2 for
 CLS+CNF, whose fine-tuned copy of the extractor runs too: forward hooks count them); F_head = FLOPs per image of
-``predict`` minus those of its n extractor passes (torch's flop counter; CLS+CNF's bicubic resizing counted as torch's
-kernel, no FLOPs, not as the dense matrix products it runs as);
+``predict`` minus those of its n extractor passes (torch's flop counter; the resizing that runs as dense matrix
+products, ``models._resize``, counted as torch's kernel, no FLOPs);
 P = FLOP/s of a large fp32 matrix product on this machine. For CFLOW-AD both inference paths are measured in the same
 run: FrEIA's forward (the paper's FLOPs) and the fused one (fewer FLOPs, same maps). Weights do not change FLOPs or
 speed, so the heads are untrained; PatchCore's memory bank is random rows of the size a fit on ``--train-images``
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from adbench.features import FeatureExtractor, create_extractor
-from adbench.models import create_model, list_models, resolve_config
+from adbench.models import _resize, create_model, list_models, resolve_config
 from adbench.runner import keep_freed_memory
 
 
@@ -65,17 +65,30 @@ def backbone_passes(det: torch.nn.Module, fn) -> int:
     return len(calls)
 
 
+def torch_resize(x: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
+    """``models._resize.resize`` by torch's kernel (no FLOPs to the counter)."""
+    flat = F.interpolate(x.reshape(-1, 1, *x.shape[-2:]), size=size, mode=mode, align_corners=True)
+    return flat.reshape(*x.shape[:-2], *size)
+
+
 @contextmanager
 def reference_resize(det):
-    """CLS+CNF's decoder resizes as two matrix products (``models._decoder.resize_bicubic``), whose dense matrices are
-    mostly zeros: its FLOPs are counted on torch's bicubic kernel instead, which the counter counts as none."""
+    """The maps resized as two matrix products (``models._resize``: CFLOW-AD's anomaly maps, so CLS+CNF's CNFs too, and
+    CLS+CNF's decoder), whose dense matrices are mostly zeros: their FLOPs are counted on torch's kernel instead,
+    which the counter counts as none."""
+    original = _resize.resize
+    users = [m for m in list(sys.modules.values()) if getattr(m, "resize", None) is original]
     decoder = getattr(det, "decoder", None)
     fast = getattr(decoder, "resize", None)
+    for module in users:
+        module.resize = torch_resize
     if fast is not None:
-        decoder.resize = lambda x, size: F.interpolate(x, size=size, mode="bicubic", align_corners=True)
+        decoder.resize = lambda x, size: torch_resize(x, size, "bicubic")
     try:
         yield
     finally:
+        for module in users:
+            module.resize = original
         if fast is not None:
             decoder.resize = fast
 

@@ -1,0 +1,24 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from adbench.models._resize import resize, resize_matrix
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "bicubic"])
+@pytest.mark.parametrize("shape,size", [((2, 5, 8, 8), (16, 16)), ((1, 3, 7, 9), (13, 4)), ((2, 2, 1, 5), (3, 10)),
+                                        ((4, 16, 32, 32), (64, 64)), ((3, 8, 8), (256, 256))])
+def test_resize_equals_torch_align_corners(mode, shape, size):
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 3
+    flat = x.reshape(-1, 1, *shape[-2:])
+    expected = F.interpolate(flat, size=size, mode=mode, align_corners=True).reshape(*shape[:-2], *size)
+    assert resize(x, size, mode).shape == expected.shape
+    assert (resize(x, size, mode) - expected).abs().max() <= 1e-5 * x.abs().max()  # float32 rounding
+
+
+def test_resize_rows_are_interpolation_weights_and_unknown_modes_fail():
+    for mode in ("bilinear", "bicubic"):
+        m = resize_matrix(7, 19, mode)
+        assert torch.allclose(m.sum(1), torch.ones(19)) and torch.equal(m[0], torch.eye(7)[0])  # corners kept
+    with pytest.raises(ValueError, match="resize mode must be bilinear or bicubic, got 'nearest'"):
+        resize_matrix(4, 8, "nearest")
