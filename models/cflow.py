@@ -182,7 +182,8 @@ def coupling_log_prob(x: torch.Tensor, parts: list[tuple]) -> torch.Tensor:
     log_jac = 0.0
     for addend, w_x, last, clamp, scale, offset, perm, log_scale in parts:
         x1, x2 = x.split([len(w_x), x.shape[1] - len(w_x)], dim=1)
-        hidden = torch.mm(x1, w_x).view(-1, *addend.shape).add_(addend).view(len(x), -1).relu_()  # k images at once
+        hidden = (torch.addmm(addend, x1, w_x) if len(addend) == len(x) else  # training: an addend per fiber
+                  torch.mm(x1, w_x).view(-1, *addend.shape).add_(addend).view(len(x), -1)).relu_()  # k images
         a_s, a_t = torch.addmm(last.bias, hidden, last.weight.T, beta=0.1, alpha=0.1).split(x2.shape[1], dim=1)
         s = torch.tanh(a_s.contiguous()).mul(clamp)
         x = torch.addcmul(offset, torch.cat((x1, torch.addcmul(a_t, x2, torch.exp(s))), dim=1), scale)
