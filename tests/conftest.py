@@ -19,6 +19,18 @@ def data_root() -> Path:
     return default_data_root()
 
 
+def script_module(name: str):
+    """The module ``scripts/<name>.py`` (the scripts folder is not a package)."""
+    import importlib
+    import sys
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+
+
 def write_image(path: Path, size: int = 32, seed: int = 0, mode: str = "RGB", value: int | None = None) -> Path:
     """A small random (or constant) image file; the format follows the suffix."""
     path.parent.mkdir(parents=True, exist_ok=True)

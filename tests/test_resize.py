@@ -3,6 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from adbench.models._resize import resize, resize_matrix
+from conftest import script_module
 
 
 @pytest.mark.parametrize("mode", ["bilinear", "bicubic"])
@@ -22,3 +23,22 @@ def test_resize_rows_are_interpolation_weights_and_unknown_modes_fail():
         assert torch.allclose(m.sum(1), torch.ones(19)) and torch.equal(m[0], torch.eye(7)[0])  # corners kept
     with pytest.raises(ValueError, match="resize mode must be bilinear or bicubic, got 'nearest'"):
         resize_matrix(4, 8, "nearest")
+
+
+def test_roofline_counts_the_matrix_resizes_as_torch_kernels_and_puts_them_back():
+    from adbench.features import create_extractor
+    from adbench.models import _resize, create_model, resolve_config
+
+    roofline = script_module("roofline")
+    cfg = resolve_config("cflow", "resnet18")
+    ext = create_extractor("resnet18", cfg.layers, weights="random")
+    det = create_model("cflow", ext, 64, cfg).eval()
+    cflow = __import__(type(det).__module__, fromlist=["resize"])
+    images = torch.randn(2, 3, 64, 64)
+    dense = roofline.flops_of(lambda: det.predict(images))
+    with roofline.reference_resize(det):
+        assert cflow.resize is roofline.torch_resize
+        counted = roofline.flops_of(lambda: det.predict(images))
+    assert cflow.resize is _resize.resize and _resize.resize.__module__ == _resize.__name__  # put back, both places
+    products = sum(2 * 2 * (64 * h * w + 64 * w * 64) for _, h, w in ext.feature_shapes(64))  # rows @ m @ cols.T
+    assert dense - counted == products > 0

@@ -12,6 +12,7 @@ import pytest
 from adbench.errors import AdbenchError
 from adbench.report import build_report, metric_table
 from adbench.results import load_results, results_frame, write_run
+from conftest import script_module
 
 
 def fake(model="fastflow", dataset="mtd", category="mtd", seed=0, auroc: float | None = 0.9,
@@ -240,17 +241,6 @@ REPO = Path(__file__).resolve().parents[1]
 IMAGE_LINE = r"\n!\[[^\]]*\]\([^)]*\)\n"  # figure lines: the only thing --figures adds to the markdown
 
 
-def _script(name: str):
-    """The module ``scripts/<name>.py`` (the scripts folder is not a package)."""
-    import importlib
-
-    sys.path.insert(0, str(REPO / "scripts"))
-    try:
-        return importlib.import_module(name)
-    finally:
-        sys.path.remove(str(REPO / "scripts"))
-
-
 def _tables(text: str) -> list[str]:
     """The markdown tables of a text, each as its lines joined."""
     return ["\n".join(t.strip().splitlines()) for t in re.findall(r"(?:^\|.*\|\n)+", text, flags=re.M)]
@@ -273,7 +263,7 @@ def test_readme_mtd_table_is_the_reports_summary_at_the_readmes_commands(mtd_rep
     """The README's MTD table: the report's summary rows of the runs its `adbench sweep` commands stand on (the
     newest run of each of their grids' cells), every other row left to results/sweep_mtd.md."""
     monkeypatch.setenv("ADBENCH_DATA", str(real_data_root))
-    sync = _script("sync_tables")
+    sync = script_module("sync_tables")
     current_detectors, current_rows = sync.current_detectors, sync.current_rows
     readme = (REPO / "README.md").read_text()
     block = readme.split("<!-- results:mtd:begin")[1].split("<!-- results:mtd:end -->")[0]
@@ -296,7 +286,7 @@ def test_sync_tables_without_mtd_says_so_in_one_line_and_writes_nothing(tmp_path
 
 
 def test_current_rows_keep_the_header_and_the_named_detectors():
-    current_rows = _script("sync_tables").current_rows
+    current_rows = script_module("sync_tables").current_rows
     table = "| detector | x |\n|:--|:--|\n| a (s=1) | 1 |\n| a (s=2) | 2 |\n| b | 3 |\n"
     assert current_rows(table, {"a (s=2)", "b"}) == "| detector | x |\n|:--|:--|\n| a (s=2) | 2 |\n| b | 3 |\n"
 
@@ -309,7 +299,7 @@ def test_ablation_tables_are_the_reports_parts_table(mtd_report):
 def test_epoch_sweep_tables_are_what_the_script_prints_from_its_csvs():
     import pandas as pd
 
-    markdown = _script("epoch_sweep").markdown
+    markdown = script_module("epoch_sweep").markdown
     expected = [markdown(pd.read_csv(REPO / "results" / "sweeps" / f"{m}_tf_efficientnet_lite0_mtd_256_s0.csv"))
                 for m in ("fastflow", "cflow")]
     assert _tables((REPO / "results" / "epoch_sweeps.md").read_text()) == [t.strip() for t in expected]
