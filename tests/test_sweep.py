@@ -235,6 +235,12 @@ def test_dry_run_shows_a_slurm_task_that_took_its_lock_as_running_even_while_sac
     monkeypatch.setattr(sweep_module, "slurm_states", lambda jobs: dict.fromkeys(jobs, "PENDING"))  # sacct lags
     dry = sweep_cli(path, res, "--dry-run")
     assert f"running (job 12_0)  {started.name}" in dry and f"queued (job 12_1)  {waiting.name}" in dry
+    # 12_0 was cancelled (its lock stays behind) and the cell resubmitted as 13_0: the new job says where it is
+    (res / "jobs" / f"{started.name}.{started.key}.json").write_text(json.dumps({"slurm_job": "13_0"}))
+    monkeypatch.setattr(sweep_module, "slurm_states", lambda jobs: {"12_0": "CANCELLED", "13_0": "PENDING"})
+    assert f"queued (job 13_0)  {started.name}" in sweep_cli(path, res, "--dry-run")
+    monkeypatch.setattr(sweep_module, "slurm_states", lambda jobs: {"12_0": "CANCELLED", "13_0": "CANCELLED"})
+    assert f"todo  {started.name}" in sweep_cli(path, res, "--dry-run")  # both ended: nothing holds it
 
 
 def test_a_lock_taken_in_a_slurm_job_expires_with_the_job_on_any_host(tmp_path, monkeypatch):
