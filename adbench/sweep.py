@@ -455,8 +455,8 @@ def cell_states(cells: list[Cell]) -> dict[str, str]:
     out = {}
     for cell in cells:
         holder = holders[cell.key]
-        if states.get(holder.get("slurm_job")) in ENDED:  # a killed task's lock, left behind: where the cell's newest
-            holder = {}  # submission is tells its state
+        if states.get(holder.get("slurm_job")) in ENDED:  # a killed task's lock, left behind: the cell's newest
+            holder = {}  # submission tells where the cell is
         job = (holder or jobs[cell.key]).get("slurm_job")
         state = states.get(job)
         run = done.get(cell.key)

@@ -72,25 +72,20 @@ def torch_resize(x: torch.Tensor, size: tuple[int, int], mode: str = "bilinear")
 
 
 @contextmanager
-def reference_resize(det):
+def reference_resize():
     """The maps resized as two matrix products (``models._resize``: CFLOW-AD's anomaly maps, so CLS+CNF's CNFs too, and
-    CLS+CNF's decoder), whose dense matrices are mostly zeros: their FLOPs are counted on torch's kernel instead,
-    which the counter counts as none."""
+    CLS+CNF's decoder, whose ``resize_bicubic`` calls ``_resize.resize``), whose dense matrices are mostly zeros: their
+    FLOPs are counted on torch's kernel instead, which the counter counts as none. ``resize`` is swapped in every
+    module that holds it, ``models._resize`` included."""
     original = _resize.resize
     users = [m for m in list(sys.modules.values()) if getattr(m, "resize", None) is original]
-    decoder = getattr(det, "decoder", None)
-    fast = getattr(decoder, "resize", None)
     for module in users:
         module.resize = torch_resize
-    if fast is not None:
-        decoder.resize = lambda x, size: torch_resize(x, size, "bicubic")
     try:
         yield
     finally:
         for module in users:
             module.resize = original
-        if fast is not None:
-            decoder.resize = fast
 
 
 def measure(model: str, args, images: torch.Tensor) -> list[dict]:
@@ -119,7 +114,7 @@ def measure(model: str, args, images: torch.Tensor) -> list[dict]:
     rows = []
     for fused, t_total in zip(paths, t_paths, strict=True):
         passes = backbone_passes(det, predict(fused))  # each at the backbone's measured rate, not the product's
-        with reference_resize(det):
+        with reference_resize():
             flops = (flops_of(predict(fused)) - passes * f_backbone) / batch
         t_total /= batch
         roof = 1 / (passes * t_backbone + flops / peak)
