@@ -78,7 +78,7 @@ def reference_resize():
     FLOPs are counted on torch's kernel instead, which the counter counts as none. ``resize`` is swapped in every
     module that holds it, ``models._resize`` included."""
     original = _resize.resize
-    users = [m for m in list(sys.modules.values()) if getattr(m, "resize", None) is original]
+    users = [m for m in list(sys.modules.values()) if vars(m).get("resize") is original]  # no module __getattr__
     for module in users:
         module.resize = torch_resize
     try:
