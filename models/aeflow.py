@@ -19,8 +19,7 @@ asiraudin/ae-flow, which disagree where the paper is silent. Every such choice i
 - anomaly map (the paper has none): the same beta-weighted sum of the standardised per-position flow NLL (bilinear
   to the input) and the standardised local dissimilarity 1 - SSIM(x, x') (channel mean), training-set statistics.
 
-SSIM (image value and per-pixel map) is torchmetrics' ``structural_similarity_index_measure`` (Gaussian window 11,
-sigma 1.5, data range 1) on images in [0, 1], computed with a separable window (``models/_ssim.py``).
+SSIM (image value and per-pixel map): torchmetrics' (window 11, sigma 1.5, data range 1), faster (``models/_ssim.py``).
 """
 
 from __future__ import annotations
@@ -39,6 +38,7 @@ from torch import nn
 from adbench.errors import ConfigError, TrainingError
 from adbench.features import FeatureExtractor, FeatureStore
 from adbench.models._batchnorm import population_batchnorm
+from adbench.models._coupling import flow_z, fusable
 from adbench.models._registry import Detector, Prediction, register_model
 from adbench.models._ssim import ssim_map
 from adbench.progress import NULL_PROGRESS, Progress
@@ -105,8 +105,7 @@ class AEFlowConfig:
             raise ConfigError(f"aeflow flow_score must be nll or likelihood, got {self.flow_score!r}")
         if len(self.layers) != 1:
             raise ConfigError(f"aeflow encodes with ONE feature stage (stride 16), got layers={list(self.layers)}")
-        for name in ("alpha", "beta"):
-            value = getattr(self, name)
+        for name, value in (("alpha", self.alpha), ("beta", self.beta)):
             if not 0.0 <= value <= 1.0:
                 raise ConfigError(f"aeflow: {name}={value} is invalid; it must be in [0, 1]")
         if not 0.0 <= self.average_last < 1.0 or (self.average_last and self.bn_stats != "population"):
@@ -228,6 +227,7 @@ class AEFlow(Detector):
             )
         self.encoder = copy.deepcopy(extractor.net).requires_grad_(True) if config.finetune_encoder else None
         self.flow = build_flow(shape, config)
+        self.fused = fusable(self.flow)  # scoring's z' by ``flow_z`` (False: FrEIA's forward; the same z')
         # channels-last: the same convolutions, 1.4-1.7x faster on the CPU for its few-channel, large maps
         self.decoder = build_decoder(c, config.decoder_channels).to(memory_format=torch.channels_last)
         self.register_buffer("norm", torch.tensor([[0.0, 1.0]] * len(_STATS)))  # (mean, std) per _STATS row
@@ -248,14 +248,16 @@ class AEFlow(Detector):
             return cached if cached is not None else self.extractor(images)[0]
         return self.encoder((as_unit(images) - self.extractor.mean) / self.extractor.std)[0]
 
-    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Encoder map [B, C, h, w] -> (z' [B, C, h, w], log|det J| [B], reconstruction in [-1, 1] [B, 3, S, S])."""
-        z, log_jac = self.flow((features - self.feat_mean) / self.feat_std)
+    def forward(self, features: torch.Tensor, fused: bool = False) -> tuple[torch.Tensor, ...]:
+        """Encoder map [B, C, h, w] -> (z' [B, C, h, w], log|det J| [B], reconstruction in [-1, 1] [B, 3, S, S]);
+        ``fused``: z' by ``flow_z`` (inference: the same z', faster; no log|det J|, None)."""
+        x = (features - self.feat_mean) / self.feat_std
+        z, log_jac = (flow_z(self.flow, x), None) if fused else self.flow(x)
         return z, log_jac, self.decoder(z.contiguous(memory_format=torch.channels_last)).contiguous()
 
     def raw_scores(self, features: torch.Tensor, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Unstandardised S_flow, S_recon [B] and their maps [B, S, S] (keys as ``_STATS``)."""
-        z, _, recon = self(features)
+        z, _, recon = self(features, fused=self.fused)
         s_flow, m_flow = flow_scores(z, self.image_size, self.config.flow_score)
         s_recon, m_recon = recon_scores(as_unit(images), (recon + 1) / 2)
         return {"flow_score": s_flow, "recon_score": s_recon, "flow_map": m_flow, "recon_map": m_recon}
@@ -277,9 +279,8 @@ class AEFlow(Detector):
             for idx in features.index_batches(cfg.batch_size):
                 f = features.tensors[0][idx].double()
                 n, s1, s2 = n + f.numel() // f.shape[1], s1 + f.sum(dim=(0, 2, 3)), s2 + f.pow(2).sum(dim=(0, 2, 3))
-            mean = s1 / n
-            self.feat_mean.copy_(mean.view(-1, 1, 1))
-            self.feat_std.copy_((s2 / n - mean**2).clamp_min(1e-12).sqrt().view(-1, 1, 1))
+            self.feat_mean.copy_((s1 / n).view(-1, 1, 1))
+            self.feat_std.copy_((s2 / n - (s1 / n) ** 2).clamp_min(1e-12).sqrt().view(-1, 1, 1))
         gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, (1,))))
 
         def batch_loss(idx: torch.Tensor) -> torch.Tensor:
@@ -319,9 +320,8 @@ class AEFlow(Detector):
         for k in _STATS[2:]:
             n, s1, s2 = sums[k]
             rows.append((s1 / n, (s2 / n - (s1 / n) ** 2).clamp_min(0).sqrt()))
-        norm = torch.tensor([[float(m), float(s)] for m, s in rows])
-        norm[:, 1].clamp_(min=1e-6)  # a constant term (e.g. an untrained decoder) must not divide by zero
-        self.norm.copy_(norm)
+        # a std of at least 1e-6: a constant term (e.g. an untrained decoder) must not divide by zero
+        self.norm.copy_(torch.tensor([[float(m), max(float(s), 1e-6)] for m, s in rows]))
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> Prediction:

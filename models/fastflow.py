@@ -25,6 +25,7 @@ from torch import nn
 
 from adbench.errors import ConfigError
 from adbench.features import FeatureExtractor, FeatureStore
+from adbench.models._coupling import flow_z, fusable
 from adbench.models._position import POSITION_NORMS, position_layers
 from adbench.models._registry import Detector, Prediction, register_model
 from adbench.progress import NULL_PROGRESS, Progress
@@ -108,7 +109,7 @@ def anomaly_map(z: list[torch.Tensor], size: int) -> torch.Tensor:
                       align_corners=False)
         for zi in z
     ]  # fmt: skip
-    return torch.stack(maps, dim=-1).mean(dim=-1)[:, 0]
+    return (sum(maps) / len(maps))[:, 0]
 
 
 @register_model("fastflow")
@@ -128,15 +129,17 @@ class FastFlow(Detector):
         self.norms = nn.ModuleList(make_norm(s, config.norm) for s in shapes)
         self.flows = nn.ModuleList(build_flow(s, config) for s in shapes)
         self.position = position_layers(shapes, config.position_norm, config.norm_epsilon)  # filled by ``fit``
+        self.fused = all(map(fusable, self.flows))  # predict's z by ``flow_z`` (False: FrEIA's forward; same z)
+
+    def _inputs(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Each scale's flow input: the features (whitened per position when ``position_norm`` is set), normalised."""
+        return [norm(feat if self.position is None else self.position[i](feat))
+                for i, (feat, norm) in enumerate(zip(features, self.norms, strict=True))]
 
     def forward(self, features: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Features of each scale -> (z of each scale, log|det J| of each scale [B])."""
-        z, log_jac = [], []
-        for i, (feat, norm, flow) in enumerate(zip(features, self.norms, self.flows, strict=True)):
-            out, lj = flow(norm(feat if self.position is None else self.position[i](feat)))
-            z.append(out)
-            log_jac.append(lj)
-        return z, log_jac
+        z, log_jac = zip(*(flow(x) for x, flow in zip(self._inputs(features), self.flows, strict=True)), strict=True)
+        return list(z), list(log_jac)
 
     def fit(self, features: FeatureStore, progress: Progress = NULL_PROGRESS,
             images: torch.Tensor | None = None) -> dict[str, list[float]]:
@@ -160,6 +163,7 @@ class FastFlow(Detector):
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> Prediction:
-        z, _ = self(self.extractor(images.to(self.device)))
+        inputs = self._inputs(self.extractor(images.to(self.device)))
+        z = [flow_z(flow, x) if self.fused else flow(x)[0] for x, flow in zip(inputs, self.flows, strict=True)]
         amap = anomaly_map(z, self.image_size)
         return Prediction(score=amap.flatten(1).max(dim=1).values, anomaly_map=amap)

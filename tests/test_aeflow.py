@@ -123,7 +123,7 @@ def test_loss_and_score_formulas():
     assert torch.allclose(lik, -torch.exp(-score)) and torch.allclose(lik_map, -torch.exp(-amap))
 
 
-@pytest.mark.parametrize("shape", [(2, 3, 64, 64), (1, 1, 40, 24)])
+@pytest.mark.parametrize("shape", [(2, 3, 64, 64), (1, 1, 40, 24), (6, 3, 48, 40)])
 def test_ssim_map_equals_torchmetrics(shape):
     from torchmetrics.functional.image import structural_similarity_index_measure as tm_ssim
 
@@ -222,6 +222,27 @@ def test_scores_are_standardised_on_the_training_set(trained):
     assert torch.allclose(halves, pred.score, atol=1e-5)  # batch-independent (BatchNorm in eval mode)
     protocol = model.protocol()
     assert "0.9 * (S_flow" in protocol["image_score"] and "training" in protocol["anomaly_map"]
+
+
+def test_scoring_z_is_the_freia_flows_z(trained):
+    """Scoring computes z' by ``models._coupling.flow_z`` (BatchNorm of the trained resnet subnets in eval mode);
+    FrEIA's forward gives the same z' and the same predictions."""
+    model, images, store, _, _ = trained
+    assert model.fused
+    with torch.no_grad():
+        z_fused, log_jac, recon = model(store.tensors[0], fused=True)
+        z, _, recon_frei = model(store.tensors[0])
+    assert log_jac is None
+    torch.testing.assert_close(z_fused, z, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(recon, recon_frei, rtol=1e-5, atol=1e-5)
+    fused = model.predict(images)
+    model.fused = False
+    try:
+        frei = model.predict(images)
+    finally:
+        model.fused = True
+    torch.testing.assert_close(fused.score, frei.score, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fused.anomaly_map, frei.anomaly_map, rtol=1e-4, atol=1e-4)
 
 
 def test_fit_needs_images_and_guards_nan():

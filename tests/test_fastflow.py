@@ -10,6 +10,7 @@ import torch
 from adbench.errors import ConfigError
 from adbench.features import FeatureStore, create_extractor
 from adbench.models import create_model, list_models, resolve_config
+from adbench.models._coupling import flow_z, fusable
 from adbench.models.fastflow import FastFlowConfig, anomaly_map, build_flow, loss
 
 
@@ -62,6 +63,37 @@ def test_flow_round_trip(conv3x3_only):
     x_back, lj_rev = flow(z, rev=True)
     assert torch.allclose(x, x_back, atol=1e-5)
     assert torch.allclose(lj, -lj_rev, atol=1e-4)
+
+
+@pytest.mark.parametrize("conv3x3_only", [True, False])
+def test_flow_z_computes_the_freia_flows_z(conv3x3_only):
+    """The inference path (``models._coupling.flow_z``) gives FrEIA's z for trained-looking parameters (random global
+    affine, planar or channels-last maps), and the detector's maps match on both paths."""
+    torch.manual_seed(0)
+    flow = build_flow((7, 5, 6), dataclasses.replace(FastFlowConfig(), flow_steps=4, conv3x3_only=conv3x3_only))
+    with torch.no_grad():
+        for block in flow.module_list:
+            block.global_scale.uniform_(-0.5, 1.0)
+            block.global_offset.normal_()
+    x = torch.randn(5, 7, 5, 6)
+    assert fusable(flow)
+    with torch.no_grad():
+        torch.testing.assert_close(flow_z(flow, x), flow(x)[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(flow_z(flow, x.contiguous(memory_format=torch.channels_last)), flow(x)[0],
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_predict_is_the_same_on_both_paths(small):
+    images = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8)
+    assert small.fused
+    fused = small.predict(images)
+    small.fused = False
+    try:
+        frei = small.predict(images)
+    finally:
+        small.fused = True
+    torch.testing.assert_close(fused.anomaly_map, frei.anomaly_map, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fused.score, frei.score, rtol=1e-5, atol=1e-6)
 
 
 def test_loss_and_map_formulas():
