@@ -5,13 +5,15 @@ Usage: python scripts/roofline.py [--models cflow,fastflow] [--backbone tf_effic
 t_backbone = measured time per image of the shared extractor; n = how many extractor passes ``predict`` makes (2 for
 CLS+CNF, whose fine-tuned copy of the extractor runs too: forward hooks count them); F_head = FLOPs per image of
 ``predict`` minus those of its n extractor passes (torch's flop counter; the resizing that runs as dense matrix
-products, ``models._resize``, counted as torch's kernel, no FLOPs);
-P = FLOP/s of a large fp32 matrix product on this machine. For CFLOW-AD both inference paths are measured in the same
-run: FrEIA's forward (the paper's FLOPs) and the fused one (fewer FLOPs, same maps). Weights do not change FLOPs or
-speed, so the heads are untrained; PatchCore's memory bank is random rows of the size a fit on ``--train-images``
-images keeps (10 % of their patches: MTD's 761 by default), since its search cost is that size. Random images at
-batch size ``--batch``. Per detector, the product, the extractor and predict are timed in turn, ``--reps`` rounds, and
-the fastest of each counts: the CPU's speed drifts (shared machines), and so it moves all three alike.
+products, ``models._resize``, counted as torch's kernel, no FLOPs; AE-FLOW's SSIM window, banded products in
+``models._ssim``, counted as two 1D convolutions: ``reference_kernels``);
+P = FLOP/s of a large fp32 matrix product on this machine. For CFLOW-AD, FastFlow and AE-FLOW both inference paths
+are measured in the same run: FrEIA's forward (the paper's FLOPs) and the fused one (fewer FLOPs, same maps). Weights
+do not change FLOPs or speed, so the heads are untrained; PatchCore's memory bank is random rows of the size a fit on
+``--train-images`` images keeps (10 % of their patches: MTD's 761 by default), since its search cost is that size.
+Random images at batch size ``--batch``. Per detector, the product, the extractor and predict are timed in turn,
+``--reps`` rounds, and the fastest of each counts: the CPU's speed drifts (shared machines), and so it moves all three
+alike.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from adbench.features import FeatureExtractor, create_extractor
-from adbench.models import _resize, create_model, list_models, resolve_config
+from adbench.models import _resize, _ssim, create_model, list_models, resolve_config
 from adbench.runner import keep_freed_memory
 
 
@@ -71,21 +73,38 @@ def torch_resize(x: torch.Tensor, size: tuple[int, int], mode: str = "bilinear")
     return flat.reshape(*x.shape[:-2], *size)
 
 
+def separable_window(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """``models._ssim._window`` (SSIM's Gaussian window along H and W, reflect padding, in its output layout) as two 1D
+    convolutions of 2r + 1 taps: the counter counts the window's own multiply-adds, not the zeros of the banded
+    blocks that ``_window`` multiplies."""
+    r = int(3.5 * sigma + 0.5)  # as torchmetrics and models._ssim
+    k = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=torch.float64) / sigma) ** 2)
+    k = (k / k.sum()).to(x)
+    p, h, w = x.shape
+    y = F.pad(x[:, None], (r, r, r, r), mode="reflect")
+    y = F.conv2d(F.conv2d(y, k.view(1, 1, -1, 1)), k.view(1, 1, 1, -1))
+    size = _ssim.window_blocks(w, sigma)[1]
+    return y.reshape(p * h, w // size, size).transpose(0, 1)
+
+
 @contextmanager
-def reference_resize():
-    """The maps resized as two matrix products (``models._resize``: CFLOW-AD's anomaly maps, so CLS+CNF's CNFs too, and
-    CLS+CNF's decoder, whose ``resize_bicubic`` calls ``_resize.resize``), whose dense matrices are mostly zeros: their
-    FLOPs are counted on torch's kernel instead, which the counter counts as none. ``resize`` is swapped in every
-    module that holds it, ``models._resize`` included."""
+def reference_kernels():
+    """FLOPs counted on reference kernels where adbench's faster form multiplies mostly zeros: the maps resized as two
+    matrix products (``models._resize``: CFLOW-AD's anomaly maps, so CLS+CNF's CNFs too, and CLS+CNF's decoder, whose
+    ``resize_bicubic`` calls ``_resize.resize``) counted on torch's kernel, which the counter counts as none (``resize``
+    is swapped in every module that holds it, ``models._resize`` included); AE-FLOW's SSIM window counted as two 1D
+    convolutions (``separable_window``)."""
     original = _resize.resize
     users = [m for m in list(sys.modules.values()) if vars(m).get("resize") is original]  # no module __getattr__
     for module in users:
         module.resize = torch_resize
+    window, _ssim._window = _ssim._window, separable_window
     try:
         yield
     finally:
         for module in users:
             module.resize = original
+        _ssim._window = window
 
 
 def measure(model: str, args, images: torch.Tensor) -> list[dict]:
@@ -97,7 +116,7 @@ def measure(model: str, args, images: torch.Tensor) -> list[dict]:
         (_, h, w) = ext.feature_shapes(args.image_size)[0]
         det.memory = torch.randn(max(1, int(args.train_images * h * w * cfg.coreset_ratio)), det.dim)
     batch = len(images)
-    paths = [True, False] if hasattr(det, "fused") else [None]  # CFLOW-AD: both paths, same maps
+    paths = [True, False] if hasattr(det, "fused") else [None]  # both paths where there are two, same maps
 
     def predict(fused):  # a call of predict on the path ``fused`` (None: the detector has one path)
         def call():
@@ -114,7 +133,7 @@ def measure(model: str, args, images: torch.Tensor) -> list[dict]:
     rows = []
     for fused, t_total in zip(paths, t_paths, strict=True):
         passes = backbone_passes(det, predict(fused))  # each at the backbone's measured rate, not the product's
-        with reference_resize():
+        with reference_kernels():
             flops = (flops_of(predict(fused)) - passes * f_backbone) / batch
         t_total /= batch
         roof = 1 / (passes * t_backbone + flops / peak)

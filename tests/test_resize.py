@@ -36,7 +36,7 @@ def test_roofline_counts_the_matrix_resizes_as_torch_kernels_and_puts_them_back(
     cflow = __import__(type(det).__module__, fromlist=["resize"])
     images = torch.randn(2, 3, 64, 64)
     dense = roofline.flops_of(lambda: det.predict(images))
-    with roofline.reference_resize():
+    with roofline.reference_kernels():
         assert cflow.resize is roofline.torch_resize
         counted = roofline.flops_of(lambda: det.predict(images))
         maps = torch.randn(2, 3, 4, 4)  # CLS+CNF's decoder resizes through _resize.resize as well
@@ -45,3 +45,18 @@ def test_roofline_counts_the_matrix_resizes_as_torch_kernels_and_puts_them_back(
     assert cflow.resize is _resize.resize and _resize.resize.__module__ == _resize.__name__  # put back, both places
     products = sum(2 * 2 * (64 * h * w + 64 * w * 64) for _, h, w in ext.feature_shapes(64))  # rows @ m @ cols.T
     assert dense - counted == products > 0
+
+
+def test_roofline_counts_the_ssim_window_as_two_1d_convolutions_and_puts_it_back():
+    from adbench.models import _ssim
+
+    roofline = script_module("roofline")
+    a, b = torch.rand(2, 3, 64, 32), torch.rand(2, 3, 64, 32)
+    banded, reference = roofline.flops_of(lambda: _ssim.ssim_map(a, b)), _ssim.ssim_map(a, b)
+    with roofline.reference_kernels():
+        assert _ssim._window is roofline.separable_window
+        counted = roofline.flops_of(lambda: _ssim.ssim_map(a, b))
+        torch.testing.assert_close(_ssim.ssim_map(a, b), reference, rtol=1e-5, atol=1e-5)  # the same window
+    assert _ssim._window.__module__ == _ssim.__name__  # put back
+    # 2 images x 15 planes, 11 taps, 2 FLOPs each: the rows pass over the padded width, then the columns pass
+    assert counted == 2 * 15 * 2 * 11 * (64 * (32 + 10) + 64 * 32) < banded
