@@ -252,6 +252,7 @@ def environment(device: torch.device, feature_precision: str = "fp32") -> dict[s
         except metadata.PackageNotFoundError:
             versions[pkg] = None
     dev = {"type": device.type, "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+           "cpu_kernels": torch.backends.cpu.get_cpu_capability(),  # AVX512, AVX2, ...: the CPU kernels' rounding
            "feature_precision": feature_precision}
     if device.type == "cuda":
         dev["name"] = torch.cuda.get_device_name(device)

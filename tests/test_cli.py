@@ -42,6 +42,7 @@ def test_run_synthetic_writes_result_and_report(tmp_path):
     assert all(0 <= v <= 1 for v in r["metrics"].values())
     assert r["config"]["epochs"] == 1 and r["config"]["flow_steps"] == 2 and r["image_size"] == 64
     assert r["weights"] == "offline:tf_efficientnet_lite0" and r["device"]["type"] == "cpu"
+    assert r["device"]["cpu_kernels"] == torch.backends.cpu.get_cpu_capability()  # e.g. AVX512: sets float rounding
     assert r["versions"]["torch"] and r["timing"]["test_images_per_s"] > 0 and r["n_test"] == 50
     assert (path.parent / "scores.csv").read_text().startswith("path,label,defect,score")
     # a second identical run gets its own folder and the same numbers (deterministic seeds)
