@@ -73,18 +73,17 @@ def torch_resize(x: torch.Tensor, size: tuple[int, int], mode: str = "bilinear")
     return flat.reshape(*x.shape[:-2], *size)
 
 
-def separable_window(x: torch.Tensor, sigma: float) -> torch.Tensor:
+def separable_window(padded: torch.Tensor, planes: int, rows: torch.Tensor, cols: torch.Tensor,
+                     r: int) -> torch.Tensor:
     """``models._ssim._window`` (SSIM's Gaussian window along H and W, reflect padding, in its output layout) as two 1D
     convolutions of 2r + 1 taps: the counter counts the window's own multiply-adds, not the zeros of the banded
-    blocks that ``_window`` multiplies."""
-    r = int(3.5 * sigma + 0.5)  # as torchmetrics and models._ssim
-    k = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=torch.float64) / sigma) ** 2)
-    k = (k / k.sum()).to(x)
-    p, h, w = x.shape
-    y = F.pad(x[:, None], (r, r, r, r), mode="reflect")
-    y = F.conv2d(F.conv2d(y, k.view(1, 1, -1, 1)), k.view(1, 1, 1, -1))
-    size = _ssim.window_blocks(w, sigma)[1]
-    return y.reshape(p * h, w // size, size).transpose(0, 1)
+    blocks that ``_window`` multiplies. The taps are a row of a block that no reflection touches."""
+    (_, size_h, _), (n_w, size_w, _) = rows.shape, cols.shape
+    h, w = len(rows) // planes * size_h, n_w * size_w
+    taps = rows[0, r, r : 3 * r + 1]  # output row r of the first block: input rows 0 ... 2r
+    x = F.pad(padded[r : r + planes * h, r : r + w].reshape(planes, 1, h, w), (r, r, r, r), mode="reflect")
+    y = F.conv2d(F.conv2d(x, taps.view(1, 1, -1, 1)), taps.view(1, 1, 1, -1))
+    return y.reshape(planes * h, n_w, size_w).transpose(0, 1)
 
 
 @contextmanager
