@@ -31,6 +31,18 @@ def script_module(name: str):
         sys.path.remove(str(REPO / "scripts"))
 
 
+def predict_both_paths(det, images):
+    """``det.predict(images)`` on the detector's fused path and on FrEIA's forward (``fused = False``), in that order;
+    the detector is left on its fused path."""
+    assert det.fused
+    fused = det.predict(images)
+    det.fused = False
+    try:
+        return fused, det.predict(images)
+    finally:
+        det.fused = True
+
+
 def write_image(path: Path, size: int = 32, seed: int = 0, mode: str = "RGB", value: int | None = None) -> Path:
     """A small random (or constant) image file; the format follows the suffix."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -22,6 +22,7 @@ from adbench.models._batchnorm import population_batchnorm
 from adbench.models._ssim import ssim_map
 from adbench.models.aeflow import AEFlowConfig, build_flow, flow_nll_per_dim, flow_scores, loss, recon_scores
 from adbench.runner import seed_everything
+from conftest import predict_both_paths
 
 SMALL = {"flow_steps": 2, "decoder_channels": "32,16,8", "hidden_channels": 32, "batch_size": 4, "lr": "2e-3"}
 
@@ -235,12 +236,7 @@ def test_scoring_z_is_the_freia_flows_z(trained):
     assert log_jac is None
     torch.testing.assert_close(z_fused, z, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(recon, recon_frei, rtol=1e-5, atol=1e-5)
-    fused = model.predict(images)
-    model.fused = False
-    try:
-        frei = model.predict(images)
-    finally:
-        model.fused = True
+    fused, frei = predict_both_paths(model, images)
     torch.testing.assert_close(fused.score, frei.score, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(fused.anomaly_map, frei.anomaly_map, rtol=1e-4, atol=1e-4)
 

@@ -12,6 +12,7 @@ from adbench.features import FeatureStore, create_extractor
 from adbench.models import create_model, list_models, resolve_config
 from adbench.models._coupling import flow_z, fusable
 from adbench.models.fastflow import FastFlowConfig, anomaly_map, build_flow, loss
+from conftest import predict_both_paths
 
 
 @pytest.fixture(scope="module")
@@ -85,13 +86,7 @@ def test_flow_z_computes_the_freia_flows_z(conv3x3_only):
 
 def test_predict_is_the_same_on_both_paths(small):
     images = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8)
-    assert small.fused
-    fused = small.predict(images)
-    small.fused = False
-    try:
-        frei = small.predict(images)
-    finally:
-        small.fused = True
+    fused, frei = predict_both_paths(small, images)
     torch.testing.assert_close(fused.anomaly_map, frei.anomaly_map, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(fused.score, frei.score, rtol=1e-5, atol=1e-6)
 
