@@ -1,13 +1,23 @@
 """The z of a FrEIA flow of ``AllInOneBlock``s over [B, C, H, W] maps, computed by hand at inference: FastFlow's and
 AE-FLOW's flows (``models.fastflow``, ``models.aeflow``); CFLOW-AD's conditional fibre flows have their own
-(``models.cflow``)."""
+(``models.cflow``), which share ``hard_permutations``."""
 
 from __future__ import annotations
 
 import FrEIA.framework as Ff
 import torch
 
-from adbench.models.cflow import hard_permutations
+
+def hard_permutations(flow: Ff.SequenceINN) -> list[torch.Tensor]:
+    """Each block's permutation as FrEIA applies it (``x @ w_perm.T``): the index when it is a hard (one-hot)
+    permutation, a gather instead of a C x C product, else w_perm.T. FrEIA never trains w_perm: compute once."""
+    perms = []
+    for block in flow.module_list:
+        perm = block.w_perm.detach().flatten(1)
+        index = perm.argmax(dim=1)
+        hard = bool(torch.equal(perm, torch.eye(len(perm), dtype=perm.dtype, device=perm.device)[index]))
+        perms.append(index if hard else perm.T)
+    return perms
 
 
 def fusable(flow: Ff.SequenceINN) -> bool:
