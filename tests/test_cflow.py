@@ -14,6 +14,7 @@ import adbench.models.cflow as cflow_module
 from adbench.errors import ConfigError, TrainingError
 from adbench.features import FeatureStore, create_extractor
 from adbench.models import create_model, resolve_config
+from adbench.models._coupling import hard_permutations
 from adbench.models.cflow import (
     CFlowConfig,
     block_parts,
@@ -21,7 +22,6 @@ from adbench.models.cflow import (
     coupling_log_prob,
     fiber_loss,
     fused_log_prob,
-    hard_permutations,
     log_prob_per_dim,
     positional_encoding_2d,
 )

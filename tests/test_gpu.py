@@ -36,13 +36,13 @@ def test_fp32_features_on_cuda_equal_the_cpus_and_fp16_stays_within_its_rounding
 
 
 def test_fused_cflow_step_on_cuda_equals_freia():
+    from adbench.models._coupling import hard_permutations
     from adbench.models.cflow import (
         CFlowConfig,
         block_parts,
         build_flow,
         coupling_log_prob,
         fiber_loss,
-        hard_permutations,
         log_prob_per_dim,
         positional_encoding_2d,
     )
