@@ -33,8 +33,10 @@ assert torch.cuda.is_available(), "torch sees no GPU"
 print("device_run: setup ok,", torch.__version__, torch.cuda.get_device_name())' || exit 1 ;;
   run)
     cp -a .device/data2/. "$DATA/" || exit 1
-    n=$(find "$DATA/mtd" -type f | wc -l) want=$(cat "$TMP/adbench-expected" 2>/dev/null)
-    [ "$n" = "$want" ] || { echo "device_run: MTD has $n files, the bundle $want: run setup first" >&2; exit 2; }
+    want=$(cat "$TMP/adbench-expected" 2>/dev/null) || { echo "device_run: no setup on this machine: run setup first" >&2
+      exit 2; }
+    n=$(find "$DATA/mtd" -type f | wc -l)
+    [ "$n" = "$want" ] || { echo "device_run: MTD has $n files, the bundle $want: run setup again" >&2; exit 2; }
     nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
     python3 -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log"
     python3 scripts/bench.py --device cuda --out "$RESULTS/bench_cuda.md" 2>&1 | tee "$OUT/bench.log"

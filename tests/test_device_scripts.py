@@ -28,10 +28,10 @@ def test_run_checks_the_file_count_against_the_bundle(tmp_path):
     half.parent.mkdir(parents=True)
     half.write_bytes(b"png")
     done = device_run(tmp_path, "run")  # no setup before: nothing to compare with
-    assert done.returncode == 2 and "MTD has 1 files, the bundle : run setup first" in done.stderr
+    assert done.returncode == 2 and "no setup on this machine: run setup first" in done.stderr
     (tmp_path / "machine" / "adbench-expected").write_text("2\n")  # what setup copies from the bundle
     done = device_run(tmp_path, "run")
-    assert done.returncode == 2 and "MTD has 1 files, the bundle 2" in done.stderr
+    assert done.returncode == 2 and "MTD has 1 files, the bundle 2: run setup again" in done.stderr
     assert not (tmp_path / "out" / "gpu.txt").exists()  # stopped before the GPU work
 
 
