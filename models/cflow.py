@@ -27,6 +27,7 @@ from torch import nn
 from adbench.errors import ConfigError
 from adbench.features import FeatureExtractor, FeatureStore
 from adbench.models._coupling import hard_permutations
+from adbench.models._fibres import Chain, flow_tensors, forward, parts
 from adbench.models._maps import blur
 from adbench.models._position import POSITION_NORMS, position_layers
 from adbench.models._registry import Detector, Prediction, register_model
@@ -130,72 +131,32 @@ def fiber_loss(log_p: torch.Tensor, kind: str) -> torch.Tensor:
     return -F.logsigmoid(log_p).mean() if kind == "logsigmoid" else -log_p.mean()
 
 
-def block_parts(flow: Ff.SequenceINN, pos: torch.Tensor, perms: list[torch.Tensor], where: torch.Tensor) -> list:
-    """What ``coupling_log_prob`` needs of each block, from the current parameters (differentiable), for fibers at
-    the positions ``where`` [N] (row-major indices) of ``pos`` [P, H, W] (``positional_encoding_2d``, or zeros).
-
-    FrEIA feeds [x1, cond] to each first subnet layer, so every fiber pays for W_c @ cond + b, which depends only on
-    its position. The encoding's first half depends only on x and its second only on y, so that addend is a product
-    on the W columns and the H rows of positions, for all blocks at once, gathered per fiber: [N, hidden] per block.
-    With it: the fiber half of the first layer, the last layer, clamp, global scale and offset, the permutation
-    (``hard_permutations``) and log|det| of the global scale.
-    """
-    p, h, w = pos.shape
-    blocks = list(flow.module_list)
-    c = len(perms[0])
-    c1 = c - c // 2  # FrEIA's split: x1 (the subnet's input) gets the larger half
-    if not all(isinstance(block.subnet[1], nn.ReLU) for block in blocks) or len(
-            {block.global_scale_activation.__code__ for block in blocks}) > 1:  # one activation serves all blocks
-        raise TypeError("the fused CFLOW path expects build_flow's blocks (subnet_fc, one global affine type)")
-    w_x, w_c = zip(*(block.subnet[0].weight.split([c1, p], dim=1) for block in blocks), strict=True)
-    w_cx, w_cy = torch.cat(w_c).split(p // 2, dim=1)  # [blocks * hidden, P / 2] each
-    bias = torch.cat([block.subnet[0].bias for block in blocks])
-    along_x = torch.addmm(bias, pos[: p // 2, 0].T.contiguous(), w_cx.T)  # [W, blocks * hidden]
-    along_y = torch.mm(pos[p // 2 :, :, 0].T.contiguous(), w_cy.T)  # [H, blocks * hidden]
-    addend = along_x.index_select(0, where % w) + along_y.index_select(0, where // w)
-    scales = blocks[0].global_scale_activation(torch.cat([block.global_scale.view(c) for block in blocks]))
-    return list(zip(addend.split(len(bias) // len(blocks), dim=1), [m.T for m in w_x],
-                    [block.subnet[2] for block in blocks], [block.clamp for block in blocks], scales.split(c),
-                    [block.global_offset.view(c) for block in blocks], perms,
-                    torch.log(scales).view(len(blocks), c).sum(dim=1).unbind(), strict=True))
-
-
-def coupling_log_prob(x: torch.Tensor, parts: list[tuple]) -> torch.Tensor:
-    """log p / C [N] of fibers ``x`` [N, C] through the blocks ``parts`` (``block_parts``; N = k x its addend rows).
-
-    The FrEIA ``AllInOneBlock`` forward (subnet on [x1, cond], a *= 0.1, s = clamp * tanh(a_s), x2 * exp(s) + a_t,
-    global affine, permutation) with the condition's share of the first layer precomputed; differentiable (the
-    in-place ops touch no tensor autograd saves); on the CPU, tanh of a copy of the strided half is up to 6x faster,
-    the permutation by gather 1.5x faster than by index_select. ``tests/test_cflow.py`` checks it against FrEIA.
-    """
-    log_jac = 0.0
-    for addend, w_x, last, clamp, scale, offset, perm, log_scale in parts:
-        x1, x2 = x.split([len(w_x), x.shape[1] - len(w_x)], dim=1)
-        hidden = (torch.addmm(addend, x1, w_x) if len(addend) == len(x) else  # training: an addend per fiber
-                  torch.mm(x1, w_x).view(-1, *addend.shape).add_(addend).view(len(x), -1)).relu_()  # k images
-        a_s, a_t = torch.addmm(last.bias, hidden, last.weight.T, beta=0.1, alpha=0.1).split(x2.shape[1], dim=1)
-        s = torch.tanh(a_s.contiguous()).mul(clamp)
-        x = torch.addcmul(offset, torch.cat((x1, torch.addcmul(a_t, x2, torch.exp(s))), dim=1), scale)
-        x = torch.gather(x, 1, perm.expand(len(x), -1)) if perm.dtype == torch.long else x @ perm
-        log_jac = log_jac + (s.sum(dim=1) + log_scale)
-    return log_prob_per_dim(x, log_jac)
+def fibre_log_prob(flow: Ff.SequenceINN, x: torch.Tensor, pos: torch.Tensor, perms: list[torch.Tensor],
+                   where: torch.Tensor) -> torch.Tensor:
+    """log p / C [N] of fibers ``x`` [N, C] at the positions ``where`` [N] (row-major indices) of ``pos`` [P, H, W]
+    (``positional_encoding_2d``, or zeros) under ``flow``: the FrEIA flow's function by ``models._fibres``, whose
+    backward is written out (the training step). ``tests/test_cflow.py`` checks it and its gradients against FrEIA."""
+    fixed, tensors = flow_tensors(flow, pos, perms)
+    return log_prob_per_dim(*Chain.apply(x, where % pos.shape[2], where // pos.shape[2], fixed, *tensors))
 
 
 def fused_log_prob(flow: Ff.SequenceINN, feat: torch.Tensor, pos: torch.Tensor, rows: int = 8192) -> torch.Tensor:
     """log p / C of every fiber of ``feat`` [B, C, H, W] under ``flow`` conditioned on ``pos`` [P, H, W]: [B, H*W].
 
-    ``coupling_log_prob`` with all blocks on chunks of about ``rows`` fibers: fewer chunks, fewer calls of each
+    ``models._fibres.forward`` with all blocks on chunks of about ``rows`` fibers: fewer chunks, fewer calls of each
     small operation, until a chunk's passes no longer stay in cache (MTD's Lite0 maps, batch 32, 2 cores: 6.2 / 5.9 /
     5.7 / 5.9 / 6.1 ms per image at 2048 / 4096 / 8192 / 16384 / all 32768 rows; the same values bitwise).
     """
     b, c, h, w = feat.shape
     per_chunk = max(1, min(b, rows // (h * w)))  # whole images per chunk, so the position addend lines up
-    parts = block_parts(flow, pos, hard_permutations(flow), torch.arange(h * w, device=feat.device))
+    where = torch.arange(h * w, device=feat.device)
+    fixed, tensors = flow_tensors(flow, pos, hard_permutations(flow))
+    blocks = parts(fixed, where % w, where // w, *tensors)
     fibers = feat.permute(0, 2, 3, 1).flatten(0, 2)
     out = torch.empty(len(fibers), dtype=fibers.dtype, device=fibers.device)
     for start in range(0, len(fibers), per_chunk * h * w):
         x = fibers[start : start + per_chunk * h * w]
-        out[start : start + len(x)] = coupling_log_prob(x, parts)
+        out[start : start + len(x)] = log_prob_per_dim(*forward(x, blocks))
     return out.reshape(b, h * w)
 
 
@@ -264,7 +225,7 @@ class CFlow(Detector):
             i, x, where = batch
             pos = getattr(self, f"pos{i}")
             if self.fused:
-                return fiber_loss(coupling_log_prob(x, block_parts(self.flows[i], pos, perms[i], where)), cfg.loss)
+                return fiber_loss(fibre_log_prob(self.flows[i], x, pos, perms[i], where), cfg.loss)
             return fiber_loss(log_prob_per_dim(*self.flows[i](x, c=[pos.flatten(1).T[where]])), cfg.loss)
 
         self.train()

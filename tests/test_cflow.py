@@ -13,14 +13,13 @@ import torch
 import adbench.models.cflow as cflow_module
 from adbench.errors import ConfigError, TrainingError
 from adbench.features import FeatureStore, create_extractor
-from adbench.models import create_model, resolve_config
+from adbench.models import _fibres, create_model, resolve_config
 from adbench.models._coupling import hard_permutations
 from adbench.models.cflow import (
     CFlowConfig,
-    block_parts,
     build_flow,
-    coupling_log_prob,
     fiber_loss,
+    fibre_log_prob,
     fused_log_prob,
     log_prob_per_dim,
     positional_encoding_2d,
@@ -164,7 +163,7 @@ def test_fused_training_loss_and_gradients_equal_freia(soft):
         losses, grads = [], []
         for fused in (True, False):
             if fused:
-                log_p = coupling_log_prob(x, block_parts(flow, pos, hard_permutations(flow), where))
+                log_p = fibre_log_prob(flow, x, pos, hard_permutations(flow), where)
             else:
                 log_p = log_prob_per_dim(*flow(x, c=[pos.flatten(1).T[where]]))
             losses.append(fiber_loss(log_p, "logsigmoid"))
@@ -172,6 +171,32 @@ def test_fused_training_loss_and_gradients_equal_freia(soft):
         assert torch.allclose(losses[0], losses[1], atol=1e-6)
         for g, h in zip(*grads, strict=True):
             assert torch.allclose(g, h, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("soft", [False, True])
+def test_written_out_backward_equals_autograd_in_float64(soft):
+    """``models._fibres.Chain``'s backward against autograd through its own forward, in float64 so that only a wrong
+    formula (not rounding) can fail: every parameter's gradient and the fibres' own, with a weight on log|det J| that
+    differs from z's, and the forward equal to the inference path's bit for bit."""
+    torch.manual_seed(1)
+    cfg = dataclasses.replace(CFlowConfig(), coupling_blocks=3, condition_dims=8, permute_soft=soft)
+    flow = build_flow(7, cfg).double()
+    with torch.no_grad():
+        for p in flow.parameters():
+            p += 0.3 * torch.randn_like(p) if p.requires_grad else 0
+    params = [p for p in flow.parameters() if p.requires_grad]
+    pos, where = positional_encoding_2d(8, 3, 4).double(), torch.randint(0, 12, (50,))
+    x = torch.randn(50, 7, dtype=torch.float64, requires_grad=True)
+    (fixed, tensors), (_, again) = (_fibres.flow_tensors(flow, pos, hard_permutations(flow)) for _ in range(2))
+    outputs = [_fibres.Chain.apply(x, where % 4, where // 4, fixed, *tensors),  # written out
+               _fibres.forward(x, _fibres.parts(fixed, where % 4, where // 4, *again))]  # recorded by autograd
+    weight = torch.randn(50, 7, dtype=torch.float64)
+    grads = [torch.autograd.grad((z * weight).sum() + 3 * log_jac.square().sum(), [x, *params])
+             for z, log_jac in outputs]
+    assert all(torch.equal(a, b) for a, b in zip(*outputs, strict=True))
+    for g, h in zip(*grads, strict=True):
+        assert g.shape == h.shape and torch.allclose(g, h, rtol=1e-10, atol=1e-12)
+        assert h.abs().max() > 0
 
 
 def test_fused_training_follows_the_freia_trajectory(monkeypatch):
