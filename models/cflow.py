@@ -26,8 +26,8 @@ from torch import nn
 
 from adbench.errors import ConfigError
 from adbench.features import FeatureExtractor, FeatureStore
+from adbench.models import _fibers
 from adbench.models._coupling import hard_permutations
-from adbench.models._fibres import Chain, flow_tensors, forward, parts
 from adbench.models._maps import blur
 from adbench.models._position import POSITION_NORMS, position_layers
 from adbench.models._registry import Detector, Prediction, register_model
@@ -131,32 +131,32 @@ def fiber_loss(log_p: torch.Tensor, kind: str) -> torch.Tensor:
     return -F.logsigmoid(log_p).mean() if kind == "logsigmoid" else -log_p.mean()
 
 
-def fibre_log_prob(flow: Ff.SequenceINN, x: torch.Tensor, pos: torch.Tensor, perms: list[torch.Tensor],
+def fiber_log_prob(flow: Ff.SequenceINN, x: torch.Tensor, pos: torch.Tensor, perms: list[torch.Tensor],
                    where: torch.Tensor) -> torch.Tensor:
     """log p / C [N] of fibers ``x`` [N, C] at the positions ``where`` [N] (row-major indices) of ``pos`` [P, H, W]
-    (``positional_encoding_2d``, or zeros) under ``flow``: the FrEIA flow's function by ``models._fibres``, whose
+    (``positional_encoding_2d``, or zeros) under ``flow``: the FrEIA flow's function by ``models._fibers``, whose
     backward is written out (the training step). ``tests/test_cflow.py`` checks it and its gradients against FrEIA."""
-    fixed, tensors = flow_tensors(flow, pos, perms)
-    return log_prob_per_dim(*Chain.apply(x, where % pos.shape[2], where // pos.shape[2], fixed, *tensors))
+    fixed, tensors = _fibers.flow_tensors(flow, pos, perms)
+    return log_prob_per_dim(*_fibers.FiberFlow.apply(x, where % pos.shape[2], where // pos.shape[2], fixed, *tensors))
 
 
 def fused_log_prob(flow: Ff.SequenceINN, feat: torch.Tensor, pos: torch.Tensor, rows: int = 8192) -> torch.Tensor:
     """log p / C of every fiber of ``feat`` [B, C, H, W] under ``flow`` conditioned on ``pos`` [P, H, W]: [B, H*W].
 
-    ``models._fibres.forward`` with all blocks on chunks of about ``rows`` fibers: fewer chunks, fewer calls of each
+    ``models._fibers.forward`` with all blocks on chunks of about ``rows`` fibers: fewer chunks, fewer calls of each
     small operation, until a chunk's passes no longer stay in cache (MTD's Lite0 maps, batch 32, 2 cores: 6.2 / 5.9 /
     5.7 / 5.9 / 6.1 ms per image at 2048 / 4096 / 8192 / 16384 / all 32768 rows; the same values bitwise).
     """
     b, c, h, w = feat.shape
     per_chunk = max(1, min(b, rows // (h * w)))  # whole images per chunk, so the position addend lines up
     where = torch.arange(h * w, device=feat.device)
-    fixed, tensors = flow_tensors(flow, pos, hard_permutations(flow))
-    blocks = parts(fixed, where % w, where // w, *tensors)
+    fixed, tensors = _fibers.flow_tensors(flow, pos, hard_permutations(flow))
+    blocks = _fibers.parts(fixed, where % w, where // w, *tensors)
     fibers = feat.permute(0, 2, 3, 1).flatten(0, 2)
     out = torch.empty(len(fibers), dtype=fibers.dtype, device=fibers.device)
     for start in range(0, len(fibers), per_chunk * h * w):
         x = fibers[start : start + per_chunk * h * w]
-        out[start : start + len(x)] = log_prob_per_dim(*forward(x, blocks))
+        out[start : start + len(x)] = log_prob_per_dim(*_fibers.forward(x, blocks))
     return out.reshape(b, h * w)
 
 
@@ -177,7 +177,7 @@ class CFlow(Detector):
         self.register_buffer("train_max", torch.zeros(len(shapes)))
         self.position = position_layers(shapes, config.position_norm, config.norm_epsilon)  # filled by ``fit``
         self._test_maps: list[list[torch.Tensor]] = []  # "official" normalization: log p maps seen by predict
-        self.fused = True  # training and inference through ``coupling_log_prob`` (False: FrEIA's forward; same
+        self.fused = True  # training and inference through ``models._fibers`` (False: FrEIA's forward; same
         # numbers to float rounding, slower)
 
     def _normalise(self, i: int, feat: torch.Tensor) -> torch.Tensor:
@@ -221,11 +221,11 @@ class CFlow(Detector):
                         idx = order[start : start + cfg.fiber_batch]
                         yield i, x[idx], idx % hw  # fibers and their positions
 
-        def loss(batch) -> torch.Tensor:  # the FrEIA flow's function; ``coupling_log_prob`` computes it faster
+        def loss(batch) -> torch.Tensor:  # the FrEIA flow's function; ``fiber_log_prob`` computes it faster
             i, x, where = batch
             pos = getattr(self, f"pos{i}")
             if self.fused:
-                return fiber_loss(fibre_log_prob(self.flows[i], x, pos, perms[i], where), cfg.loss)
+                return fiber_loss(fiber_log_prob(self.flows[i], x, pos, perms[i], where), cfg.loss)
             return fiber_loss(log_prob_per_dim(*self.flows[i](x, c=[pos.flatten(1).T[where]])), cfg.loss)
 
         self.train()

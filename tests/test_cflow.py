@@ -13,13 +13,13 @@ import torch
 import adbench.models.cflow as cflow_module
 from adbench.errors import ConfigError, TrainingError
 from adbench.features import FeatureStore, create_extractor
-from adbench.models import _fibres, create_model, resolve_config
+from adbench.models import _fibers, create_model, resolve_config
 from adbench.models._coupling import hard_permutations
 from adbench.models.cflow import (
     CFlowConfig,
     build_flow,
+    fiber_log_prob,
     fiber_loss,
-    fibre_log_prob,
     fused_log_prob,
     log_prob_per_dim,
     positional_encoding_2d,
@@ -163,7 +163,7 @@ def test_fused_training_loss_and_gradients_equal_freia(soft):
         losses, grads = [], []
         for fused in (True, False):
             if fused:
-                log_p = fibre_log_prob(flow, x, pos, hard_permutations(flow), where)
+                log_p = fiber_log_prob(flow, x, pos, hard_permutations(flow), where)
             else:
                 log_p = log_prob_per_dim(*flow(x, c=[pos.flatten(1).T[where]]))
             losses.append(fiber_loss(log_p, "logsigmoid"))
@@ -175,10 +175,11 @@ def test_fused_training_loss_and_gradients_equal_freia(soft):
 
 @pytest.mark.parametrize("soft", [False, True])
 def test_written_out_backward_equals_autograd_in_float64(soft):
-    """``models._fibres.Chain``'s backward against autograd through its own forward, in float64 so that only a wrong
-    formula (not rounding) can fail: every parameter's gradient and the fibres' own, with a weight on log|det J| that
-    differs from z's, and the forward equal to the inference path's bit for bit."""
+    """``models._fibers.FiberFlow``'s backward against autograd through its own forward, in float64 so that only a
+    wrong formula (not rounding) can fail: every parameter's gradient and the fibers' own, with a weight on log|det J|
+    that differs from z's, and the forward equal to the inference path's bit for bit."""
     torch.manual_seed(1)
+    np.random.seed(1)  # FrEIA draws its permutations with numpy
     cfg = dataclasses.replace(CFlowConfig(), coupling_blocks=3, condition_dims=8, permute_soft=soft)
     flow = build_flow(7, cfg).double()
     with torch.no_grad():
@@ -187,9 +188,9 @@ def test_written_out_backward_equals_autograd_in_float64(soft):
     params = [p for p in flow.parameters() if p.requires_grad]
     pos, where = positional_encoding_2d(8, 3, 4).double(), torch.randint(0, 12, (50,))
     x = torch.randn(50, 7, dtype=torch.float64, requires_grad=True)
-    (fixed, tensors), (_, again) = (_fibres.flow_tensors(flow, pos, hard_permutations(flow)) for _ in range(2))
-    outputs = [_fibres.Chain.apply(x, where % 4, where // 4, fixed, *tensors),  # written out
-               _fibres.forward(x, _fibres.parts(fixed, where % 4, where // 4, *again))]  # recorded by autograd
+    (fixed, tensors), (_, again) = (_fibers.flow_tensors(flow, pos, hard_permutations(flow)) for _ in range(2))
+    outputs = [_fibers.FiberFlow.apply(x, where % 4, where // 4, fixed, *tensors),  # written out
+               _fibers.forward(x, _fibers.parts(fixed, where % 4, where // 4, *again))]  # recorded by autograd
     weight = torch.randn(50, 7, dtype=torch.float64)
     grads = [torch.autograd.grad((z * weight).sum() + 3 * log_jac.square().sum(), [x, *params])
              for z, log_jac in outputs]

@@ -40,8 +40,8 @@ def test_fused_cflow_step_on_cuda_equals_freia():
     from adbench.models.cflow import (
         CFlowConfig,
         build_flow,
+        fiber_log_prob,
         fiber_loss,
-        fibre_log_prob,
         log_prob_per_dim,
         positional_encoding_2d,
     )
@@ -55,7 +55,7 @@ def test_fused_cflow_step_on_cuda_equals_freia():
     params = [p for p in flow.parameters() if p.requires_grad]
     pos = positional_encoding_2d(16, 6, 5).cuda()
     x, where = torch.randn(256, 24, device="cuda"), torch.randint(0, 30, (256,), device="cuda")
-    fused = fiber_loss(fibre_log_prob(flow, x, pos, hard_permutations(flow), where), "logsigmoid")
+    fused = fiber_loss(fiber_log_prob(flow, x, pos, hard_permutations(flow), where), "logsigmoid")
     freia = fiber_loss(log_prob_per_dim(*flow(x, c=[pos.flatten(1).T[where]])), "logsigmoid")
     assert torch.allclose(fused, freia, atol=1e-4)
     for g, h in zip(torch.autograd.grad(fused, params), torch.autograd.grad(freia, params), strict=True):
