@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.progress import Progress as RichBar
 from rich.table import Table
@@ -44,19 +45,27 @@ class RichProgress(Progress):
         yield advance
 
     def log(self, message: str) -> None:
-        console.print(f"[dim]{message}[/]")
+        console.print(f"[dim]{escape(message)}[/]")
 
 
 @contextmanager
 def _errors() -> Iterator[None]:
-    """Turn adbench errors (and Ctrl-C) into one line and a non-zero exit code."""
+    """Turn adbench errors, running out of memory and Ctrl-C into one line and a non-zero exit code."""
     try:
         yield
     except AdbenchError as err:
-        console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+        console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
     except OSError as err:  # a path the user gave that cannot be read or written
-        console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+        console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+    except (MemoryError, RuntimeError) as err:  # torch's CPU allocator raises RuntimeError, CUDA's a subclass
+        text = str(err)
+        if not isinstance(err, MemoryError) and "out of memory" not in text and "can't allocate memory" not in text:
+            raise
+        line = next((part.strip() for part in text.splitlines() if "memory" in part), text.strip()) or "MemoryError"
+        console.print(f"[bold red]error: out of memory[/] ({escape(line)}); try a smaller --image-size or "
+                      "--batch-size; earlier runs are kept", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         console.print("[bold red]interrupted:[/] the current run was not written; earlier runs are kept")
@@ -149,7 +158,7 @@ def run(
                       f"{r['timing']['test_images_per_s']:.1f}")
     out.print(table)
     for folder in folders:
-        console.print(f"wrote {folder / 'result.json'}", highlight=False, soft_wrap=True)
+        console.print(f"wrote {escape(str(folder / 'result.json'))}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -179,7 +188,8 @@ def report(
             for name, png in pngs.items():
                 (output.parent / name).write_bytes(png)
             output.write_text(text)
-            console.print(f"wrote {output}" + (f" and {len(pngs)} figures next to it" if pngs else ""), highlight=False)
+            console.print(f"wrote {escape(str(output))}" + (f" and {len(pngs)} figures next to it" if pngs else ""),
+                          highlight=False)
 
 
 @app.command()
@@ -217,7 +227,7 @@ def sweep(
                 lines.append(f"{stale} stale (run by other detector code), {kept}")
             if unknown:
                 lines.append(f"{unknown} done by runs of unknown code (they record none), kept")
-            console.print("; ".join(lines), highlight=False, soft_wrap=True)
+            console.print(escape("; ".join(lines)), highlight=False, soft_wrap=True)
             return
         check_writable(results_dir)
         counts: dict[str, int] = {}
@@ -226,15 +236,15 @@ def sweep(
             counts[status["status"]] = counts.get(status["status"], 0) + 1
             extra = status.get("error") or status.get("path") or ""
             extra += f" (code {status['code']}, now {status['now']})" if status["status"] == "stale" else ""
-            console.print(f"{status['status']:6s} {status['name']}  {extra}", highlight=False, soft_wrap=True)
+            console.print(escape(f"{status['status']:6s} {status['name']}  {extra}"), highlight=False, soft_wrap=True)
 
         statuses = run_sweep(cells, executor, spec.get("slurm"), on_result=show, rerun_stale=rerun_stale)
         summary = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
         console.print(f"{len(cells)} cells: {summary}", highlight=False)
         stale = [s["name"] for s in statuses if s["status"] == "stale"]
         if stale:  # kept, not a failure
-            console.print(f"{len(stale)} stale cell(s) kept (run by other detector code): {', '.join(stale)}; "
-                          "--rerun-stale reruns them", highlight=False, soft_wrap=True)
+            console.print(escape(f"{len(stale)} stale cell(s) kept (run by other detector code): {', '.join(stale)}; "
+                                 "--rerun-stale reruns them"), highlight=False, soft_wrap=True)
         failed = [s["name"] for s in statuses if s["status"] == "failed"]
         busy = [s["name"] for s in statuses if s["status"] not in ("done", "ran", "failed", "stale")]
         problems = [f"{len(failed)} cell(s) failed: {', '.join(failed)}; their errors are in {results_dir / 'failures'}"
@@ -292,7 +302,7 @@ def download(
                 state["done"] = done
 
             path = download_dataset(name, root or default_data_root(), progress=report_bytes, force=force)
-    console.print(f"{name} is ready at {path}", highlight=False)
+    console.print(escape(f"{name} is ready at {path}"), highlight=False)
 
 
 def main() -> None:

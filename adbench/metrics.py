@@ -225,6 +225,12 @@ def _pixel_curve(maps: np.ndarray, masks: np.ndarray) -> _Curve:
 # metrics from a curve
 
 
+def _aupr_from(c: _Curve) -> float:
+    """The AP of a table: NaN, like the AUROC, when either class is absent (without negatives every ranking has AP
+    1, sklearn's value, which says nothing about the detector)."""
+    return float("nan") if c.tps.size == 0 or c.fps[-1] == 0 else _ap_from(c)
+
+
 def _auroc_from(c: _Curve) -> float:
     if c.tps.size == 0 or c.tps[-1] == 0 or c.fps[-1] == 0:
         return float("nan")
@@ -446,7 +452,8 @@ def compute_metrics(
 
     Returns:
         ``image_auroc``, ``image_aupr`` (average precision), ``pixel_auroc``, ``pixel_aupr`` (average precision),
-        ``aupro``; pixel metrics are NaN when ``anomaly_maps`` or ``masks`` is None.
+        ``aupro``; pixel metrics are NaN when ``anomaly_maps`` or ``masks`` is None; each is NaN when its labels
+        lack a class (the AUPRs too, unlike ``average_precision``).
 
     Raises:
         ConfigError: mismatched lengths/shapes, non-binary labels/masks, NaN/inf scores or maps.
@@ -467,7 +474,7 @@ def compute_metrics(
             raise ConfigError(f"{name} have shape {arr.shape} but there are {s.shape[0]} image scores")
 
     img = _descending_curve(s, y.view(np.uint8))
-    out = {"image_auroc": _auroc_from(img), "image_aupr": _ap_from(img)}
+    out = {"image_auroc": _auroc_from(img), "image_aupr": _aupr_from(img)}
     nan = float("nan")
     if maps is None or gt is None:
         if maps is not None:  # still reject a malformed or non-finite map
@@ -476,5 +483,5 @@ def compute_metrics(
         return out
     maps, gt = _maps_masks(maps, gt)
     pix = _pixel_curve(maps, gt)
-    out.update(pixel_auroc=_auroc_from(pix), pixel_aupr=_ap_from(pix), aupro=_aupro_from(pix, limit))
+    out.update(pixel_auroc=_auroc_from(pix), pixel_aupr=_aupr_from(pix), aupro=_aupro_from(pix, limit))
     return out

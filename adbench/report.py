@@ -219,7 +219,12 @@ def report_with_figures(results_dir: Path, stem: str | None,
     Returns:
         ``(markdown, {file name: PNG bytes})``; the dict is empty without a stem.
     """
-    results = load_results(results_dir)
+    skipped: list[str] = []
+    results = load_results(results_dir, skipped)
+    if skipped:  # a report without them would be silently incomplete
+        more = f" (and {len(skipped) - 1} more)" if len(skipped) > 1 else ""
+        raise AdbenchError(f"not a run's result: {skipped[0]}{more}; move it out of {Path(results_dir) / 'runs'} or "
+                           "rerun its cell")
     if not results:
         raise AdbenchError(f"no runs found under {Path(results_dir) / 'runs'} (run `adbench run` first)")
     frame, replaced = latest_runs(results_frame(results))

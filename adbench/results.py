@@ -231,18 +231,31 @@ def cell_run(results_dir: Path, key: str) -> Path | None:
     return run if (run / "result.json").is_file() else None
 
 
-def load_results(results_dir: Path) -> list[dict]:
-    """Every readable ``result.json`` under ``results_dir/runs`` (unfinished temporary folders are ignored)."""
+RESULT_KEYS = ("model", "dataset", "category", "seed", "metrics")  # what every result.json holds (``write_run``)
+
+
+def load_results(results_dir: Path, skipped: list[str] | None = None,
+                 keys: tuple[str, ...] = RESULT_KEYS) -> list[dict]:
+    """Every ``result.json`` under ``results_dir/runs`` (unfinished temporary folders are ignored). A file that is not
+    a run's result (unreadable, not JSON, not an object with ``keys``) is left out; with ``skipped``, it is listed
+    there as "PATH (why)"."""
     out = []
     for path in sorted((Path(results_dir) / RUNS).glob("**/result.json")):
         if any(part.startswith(".tmp-") for part in path.parts):
             continue
         try:
             data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        data["path"] = str(path.parent)
-        out.append(data)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            why = f"not valid JSON: {err}" if isinstance(err, json.JSONDecodeError) else f"unreadable: {err}"
+        else:
+            missing = [k for k in keys if k not in data] if isinstance(data, dict) else None
+            if missing == []:
+                data["path"] = str(path.parent)
+                out.append(data)
+                continue
+            why = f"no {', '.join(missing)}" if missing else f"a JSON {type(data).__name__}, not an object"
+        if skipped is not None:
+            skipped.append(f"{path} ({why})")
     return out
 
 

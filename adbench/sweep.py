@@ -171,7 +171,7 @@ def done_runs(results_dir: Path) -> dict[str, dict[str, Any]]:
     def age(r: dict[str, Any]) -> tuple:
         return r.get("started") or "", _rerun_number(Path(r["path"]).name)  # as the report's latest_runs
 
-    return {r["cell"]: r for r in sorted(load_results(results_dir), key=age) if r.get("cell")}
+    return {r["cell"]: r for r in sorted(load_results(results_dir, keys=("cell",)), key=age)}
 
 
 def code_state(cell: Cell, run: dict[str, Any]) -> str:

@@ -192,9 +192,16 @@ class DatasetFamily:
             raise DatasetError(f"unknown {self.name} category {category!r}; valid: {', '.join(valid)}")
 
 
+WIDE_MODES = {"I;16": "16-bit", "I;16B": "16-bit", "I;16L": "16-bit", "I;16N": "16-bit", "I": "32-bit integer",
+              "F": "32-bit float"}  # PIL clips these to 0-255 when it converts them to RGB
+
+
 def _open_image(path: str, mode: str) -> Image.Image:
     try:
         with Image.open(path) as im:
+            if mode == "RGB" and im.mode in WIDE_MODES:  # masks are only thresholded: clipping keeps them
+                raise DatasetError(f"image {path} is {WIDE_MODES[im.mode]} (PIL mode {im.mode}); adbench reads 8-bit "
+                                   "images: convert it to 8 bits first, with the scaling that suits the data")
             return im.convert(mode)
     except FileNotFoundError:
         raise DatasetError(f"image file missing: {path}") from None

@@ -13,6 +13,7 @@ import torch
 from typer.testing import CliRunner
 
 from adbench.cli import app
+from adbench.errors import DatasetError
 from conftest import REPO, make_mvtec
 
 runner = CliRunner()
@@ -79,6 +80,38 @@ def test_errors_are_one_line(tmp_path, args, message):
     assert message in " ".join(out.split()), out
     assert "Traceback" not in out and len(out.strip().splitlines()) <= 2
     assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").iterdir())
+
+
+@pytest.mark.parametrize("raised, shown", [
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you "
+                  "tried to allocate 120000000000 bytes."),
+     "error: out of memory ([enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory"),
+    (MemoryError(), "error: out of memory (MemoryError); try a smaller --image-size or --batch-size"),
+    (DatasetError("image /data/[line a]/x.png is 16-bit"), "error: image /data/[line a]/x.png is 16-bit"),
+])
+def test_memory_and_bracketed_errors_are_one_intact_line(tmp_path, monkeypatch, raised, shown):
+    """Running out of memory is one line, not a traceback; square brackets in a message (a path, torch's text) are
+    printed, not read as rich markup."""
+    import adbench.runner
+
+    def fail(spec, progress=None):
+        raise raised
+
+    monkeypatch.setattr(adbench.runner, "run", fail)
+    result, out = invoke(["run", "--results-dir", str(tmp_path)])
+    assert result.exit_code == 1 and shown in " ".join(out.split()), out
+    assert "Traceback" not in out and len(out.strip().splitlines()) <= 2
+
+
+def test_other_runtime_errors_are_not_called_memory(tmp_path, monkeypatch):
+    import adbench.runner
+
+    def fail(spec, progress=None):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(adbench.runner, "run", fail)
+    result, _ = invoke(["run", "--results-dir", str(tmp_path)])
+    assert isinstance(result.exception, RuntimeError) and str(result.exception) == "a bug"
 
 
 def test_missing_data_root_says_how_to_download(tmp_path):

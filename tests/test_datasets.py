@@ -82,6 +82,19 @@ def test_corrupt_image_is_named(tmp_path):
         list(ds.batches(4))
 
 
+@pytest.mark.parametrize("array", [np.full((16, 16), 300, np.uint16), np.full((16, 16), 0.5, np.float32)])
+def test_wide_images_are_refused_not_clipped(tmp_path, array):
+    """PIL would clip a 16-bit or float image to 0-255 on its way to RGB: a silently wrong image. It is refused."""
+    from PIL import Image
+
+    make_mvtec(tmp_path / "mvtec")
+    Image.fromarray(array).save(tmp_path / "mvtec/bottle/train/good/001.tiff")
+    (tmp_path / "mvtec/bottle/train/good/001.png").unlink()
+    ds = AnomalyDataset(open_family("mvtec", data_root=tmp_path), "bottle", "train", 16)
+    with pytest.raises(DatasetError, match=r"image .*001\.tiff is (16-bit|32-bit float) .*convert it to 8 bits"):
+        list(ds.batches(4))
+
+
 def test_missing_root_says_how_to_download(tmp_path):
     with pytest.raises(DatasetError, match="adbench download mvtec"):
         open_family("mvtec", data_root=tmp_path)

@@ -302,6 +302,17 @@ def test_compute_metrics_without_masks() -> None:
         assert 0.0 <= m["image_auroc"] <= 1.0 and 0.0 <= m["image_aupr"] <= 1.0
 
 
+def test_compute_metrics_without_normal_images_leaves_the_auprs_undefined() -> None:
+    """With no normal image (or pixel) every ranking has AP 1 (``average_precision`` keeps sklearn's value); the
+    table says "undefined" instead, as it does for the AUROC."""
+    scores, _, maps, masks = metric_case()
+    m = compute_metrics(scores, np.ones(len(scores), dtype=int), maps, np.ones_like(masks))
+    assert all(math.isnan(m[k]) for k in KEYS)
+    assert average_precision(scores, np.ones(len(scores), dtype=int)) == 1.0
+    m = compute_metrics(scores, np.ones(len(scores), dtype=int), maps, masks)  # normal pixels remain
+    assert math.isnan(m["image_aupr"]) and 0.0 < m["pixel_aupr"] < 1.0
+
+
 def test_compute_metrics_rejects_bad_input() -> None:
     scores, labels, maps, masks = metric_case()
     bad_calls = [

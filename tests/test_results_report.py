@@ -41,9 +41,26 @@ def test_load_skips_temporary_and_broken(tmp_path):
     put(tmp_path)
     (tmp_path / "runs" / ".tmp-x").mkdir()
     (tmp_path / "runs" / ".tmp-x" / "result.json").write_text(json.dumps(fake()))
-    (tmp_path / "runs" / "broken").mkdir()
-    (tmp_path / "runs" / "broken" / "result.json").write_text("{")
-    assert len(load_results(tmp_path)) == 1
+    for name, text in [("broken", "{"), ("a_list", "[]"), ("no_metrics", '{"model": "padim"}'), ("bytes", b"\xff")]:
+        (tmp_path / "runs" / name).mkdir()
+        write = (tmp_path / "runs" / name / "result.json").write_bytes if isinstance(text, bytes) else \
+            (tmp_path / "runs" / name / "result.json").write_text
+        write(text)
+    skipped: list[str] = []
+    assert len(load_results(tmp_path, skipped)) == 1
+    why = {Path(s.split(" (")[0]).parent.name: s.split(" (", 1)[1] for s in skipped}
+    assert why["broken"].startswith("not valid JSON") and why["a_list"] == "a JSON list, not an object)"
+    assert why["no_metrics"] == "no dataset, category, seed, metrics)" and why["bytes"].startswith("unreadable")
+
+
+def test_report_refuses_a_result_it_cannot_read(tmp_path):
+    """A report without a run it could not read would be silently incomplete: it names the file instead."""
+    put(tmp_path)
+    (tmp_path / "runs" / "odd").mkdir()
+    (tmp_path / "runs" / "odd" / "result.json").write_text("[]")
+    with pytest.raises(AdbenchError, match=r"not a run's result: .*odd/result.json \(a JSON list, not an object\); "
+                                           r"move it out of"):
+        build_report(tmp_path)
 
 
 def test_metric_table_mean_rows_and_seeds(tmp_path):
