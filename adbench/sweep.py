@@ -100,6 +100,10 @@ def load_grid(path: Path) -> dict[str, Any]:
     for key in ("models", "datasets"):
         if not isinstance(grid.get(key), list) or not grid[key]:
             raise ConfigError(f"{path}: '{key}' must be a non-empty list")
+    orphans = set(grid.get("model", {})) - set(grid["models"])
+    if orphans:  # a misspelt or dropped model's settings would be silently unused
+        raise ConfigError(f"{path}: [model.{sorted(orphans)[0]}] configures a model that 'models' does not list "
+                          f"({', '.join(grid['models'])})")
     grid.setdefault("seeds", [0])
     for where, seeds in [("seeds", grid["seeds"])] + [(f"[model.{m}] seeds", t["seeds"])
                                                       for m, t in grid.get("model", {}).items() if "seeds" in t]:
@@ -414,7 +418,13 @@ def _run_submitit(cells: list[Cell], executor: str, slurm: dict[str, Any], on_re
     else:
         params["gpus_per_node"] = min(slurm["gpus"], _visible_gpus())
     ex.update_parameters(**params)
-    jobs = ex.map_array(run_cell, cells)
+    try:
+        jobs = ex.map_array(run_cell, cells)
+    except (OSError, subprocess.CalledProcessError, submitit.core.utils.FailedJobError) as err:  # no sbatch, or it
+        # refused (no controller, a bad partition); FailedJobError carries its stderr
+        why = ([line for line in str(err).splitlines() if line.strip()] or [repr(err)])[-1].strip().rstrip(".")
+        raise AdbenchError(f"{executor}: submitting the {len(cells)} cells failed ({why}); nothing was submitted, "
+                           "they stay to run") from None
     print(f"submitted {len(jobs)} cells as job {jobs[0].job_id.split('_')[0]}; logs in {results_dir / 'logs'}",
           file=sys.stderr)
     if executor == "slurm":

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from adbench import runner as runner_module
 from adbench import sweep as sweep_module
 from adbench.cli import app
-from adbench.errors import ConfigError, DatasetError, TrainingError
+from adbench.errors import AdbenchError, ConfigError, DatasetError, TrainingError
 from adbench.results import load_results
 from adbench.sweep import expand, load_failures, load_grid, run_cell, run_sweep, slurm_states
 
@@ -92,6 +92,8 @@ def test_vary_expands_every_combination_and_validation_is_part_of_the_key(tmp_pa
     (TINY.replace('["synthetic"]', '["mvtec"]').replace('categories = ["texture", "pattern"]', ""),
      DatasetError, "mvtec not found.*adbench download mvtec"),
     ("models = [", ConfigError, "not valid TOML"),
+    (TINY + "[model.fastflw]\nflow_steps = 2\n", ConfigError,
+     r"\[model.fastflw\] configures a model that 'models' does not list \(fastflow\)"),
 ])
 def test_bad_grids_fail_before_any_work(tmp_path, text, error, match):
     with pytest.raises(error, match=match):
@@ -181,6 +183,27 @@ def test_two_concurrent_sweeps_run_each_cell_once(tmp_path):
     assert len(runs) == 4 and not any("-" in name.rsplit("_s", 1)[1] for name in runs), runs  # no duplicate run
     # whatever one sweep found running elsewhere, the other finished: a third pass has nothing to do
     assert [s["status"] for s in run_sweep(expand(load_grid(path), tmp_path / "res"))] == ["done"] * 4
+
+
+@pytest.mark.parametrize("raised, why", [
+    ("failed", "sbatch: fatal: Could not establish a configuration source"),  # submitit's error, with sbatch's stderr
+    ("missing", r"\[Errno 2\] No such file or directory: 'sbatch'"),
+])
+def test_a_refused_submission_is_one_error_and_submits_nothing(tmp_path, monkeypatch, raised, why):
+    """sbatch missing or refusing (no controller, a bad partition): one error naming why, nothing run."""
+    import submitit
+
+    def refuse(self, fn, *iterables):
+        if raised == "missing":
+            raise FileNotFoundError(2, "No such file or directory", "sbatch")
+        raise submitit.core.utils.FailedJobError("sbatch: error: fetch_config: DNS SRV lookup failed\n"
+                                                 "sbatch: fatal: Could not establish a configuration source\n")
+
+    monkeypatch.setattr(submitit.AutoExecutor, "map_array", refuse)
+    cells = expand(load_grid(grid_file(tmp_path)), tmp_path / "res")
+    with pytest.raises(AdbenchError, match=rf"^slurm: submitting the 2 cells failed \({why}\); nothing was submitted"):
+        run_sweep(cells, executor="slurm", slurm={"cpus": 1, "mem_gb": 4, "time_min": 10})
+    assert not list((tmp_path / "res").glob("runs/*/result.json"))
 
 
 def test_submitit_local_executor_runs_cells_as_jobs(tmp_path):
