@@ -290,9 +290,10 @@ def download(
 ) -> None:
     """Download a dataset into ROOT/<name> (resumable, checksum-verified)."""
     from adbench.datasets import default_data_root
-    from adbench.download import download_dataset
+    from adbench.download import download_dataset, get_source
 
     with _errors():
+        get_source(name)  # an unknown name fails before a progress bar is drawn
         bar = RichProgress()
         with bar.bar, bar.task(f"download {name}", total=None) as advance:
             state = {"done": 0}

@@ -67,7 +67,10 @@ def test_bad_published_file_is_a_config_error(tmp_path):
     (tmp_path / "x.csv").write_text("model,dataset\ncflow,mvtec\n")
     with pytest.raises(ConfigError, match="lack column"):
         load_published(tmp_path)
-    assert load_published(tmp_path / "nothing").empty
+    (tmp_path / "empty").mkdir()
+    assert load_published(tmp_path / "empty").empty
+    with pytest.raises(ConfigError, match="published numbers folder not found: .*nothing"):  # a typo, not "none"
+        load_published(tmp_path / "nothing")
 
 
 def test_report_shows_paper_columns_and_failed_cells(tmp_path):
