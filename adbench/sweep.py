@@ -48,7 +48,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import tomllib
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser, from PyPI (pyproject.toml installs it there)
+    import tomli as tomllib
 
 from adbench.errors import AdbenchError, ConfigError, DatasetError
 from adbench.results import _rerun_number, cell_run, load_results, run_name

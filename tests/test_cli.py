@@ -189,7 +189,7 @@ def test_readme_command_runs(command, tmp_path, real_data_root, monkeypatch):
 
 def shrink_grid(path: Path, out: Path) -> str:
     """The grid with its first model, first seed and a tiny schedule (the full grid is checked by --dry-run)."""
-    import tomllib
+    from adbench.sweep import tomllib  # the standard library's, or tomli on Python 3.10
 
     grid = tomllib.loads(path.read_text())
     model = grid["models"][0]
