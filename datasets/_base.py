@@ -23,6 +23,7 @@ from adbench.registry import Registry
 
 INDEX_COLUMNS = ("image_path", "mask_path", "label", "defect")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+LOSSY_SUFFIXES = (".jpg", ".jpeg")  # JPEG rings around a mask's edges (6 % more pixels > 0 on a 0/255 box): > 127
 SPLITS = ("train", "test")
 GEOMETRIES = ("squash", "pad")  # how an image becomes image_size x image_size; see AnomalyDataset
 
@@ -215,8 +216,8 @@ class AnomalyDataset:
     Images become ``image_size``² by their ``geometry``: ``squash`` resizes them bilinearly (with antialiasing) to
     ``image_size``², whatever their aspect ratio; ``pad`` keeps the aspect ratio (``pad_resize``) and records the box
     the image occupies. Grayscale is repeated to 3 channels. Masks are always squashed: resized nearest-neighbour to
-    ``image_size``² and binarised afterwards (``> family.mask_threshold``); ``to_eval_view`` maps a padded view onto
-    them.
+    ``image_size``² and binarised afterwards (``> family.mask_threshold``; JPEG masks at > 127 at least);
+    ``to_eval_view`` maps a padded view onto them.
     """
 
     def __init__(self, family: DatasetFamily, category: str, split: str, image_size: int,
@@ -251,7 +252,9 @@ class AnomalyDataset:
         if mask is None:
             m = torch.zeros(size, dtype=torch.bool)
         else:
-            m = torch.from_numpy(np.array(mask.resize(size, Image.NEAREST)) > self.family.mask_threshold)
+            lossy = str(row.mask_path).lower().endswith(LOSSY_SUFFIXES)
+            threshold = max(self.family.mask_threshold, 127) if lossy else self.family.mask_threshold
+            m = torch.from_numpy(np.array(mask.resize(size, Image.NEAREST)) > threshold)
         return Sample(img, m, int(row.label), str(row.defect), str(row.image_path), box)
 
     def batches(self, batch_size: int, workers: int = 2) -> Iterator[list[Sample]]:

@@ -51,6 +51,22 @@ def test_mask_resized_nearest_then_binarised(tmp_path):
     assert (s.mask.numpy() == expected).all()
 
 
+def test_jpeg_masks_are_binarised_past_their_ringing(tmp_path):
+    """JPEG leaves small non-zero values around a 0/255 mask's edges; > 0 would count them as defect pixels."""
+    from PIL import Image
+
+    make_mvtec(tmp_path / "mvtec")
+    arr = np.zeros((32, 32), np.uint8)  # the images' size
+    arr[10:18, 4:20] = 255
+    path = tmp_path / "mvtec/bottle/ground_truth/crack/000_mask.png"
+    path.unlink()
+    Image.fromarray(arr).save(path.with_suffix(".jpg"), quality=90)
+    assert (np.array(Image.open(path.with_suffix(".jpg"))) > 0).sum() > arr.astype(bool).sum()  # it rings
+    ds = AnomalyDataset(open_family("mvtec", data_root=tmp_path), "bottle", "test", 32)
+    (s,) = [ds[i] for i in range(len(ds)) if ds[i].path.endswith("crack/000.png")]
+    assert (s.mask.numpy() == arr.astype(bool)).all()
+
+
 def test_missing_mask_names_the_image(tmp_path):
     make_mvtec(tmp_path / "mvtec")
     (tmp_path / "mvtec/bottle/ground_truth/crack/001_mask.png").unlink()
