@@ -103,10 +103,6 @@ def load_grid(path: Path) -> dict[str, Any]:
     for key in ("models", "datasets"):
         if not isinstance(grid.get(key), list) or not grid[key]:
             raise ConfigError(f"{path}: '{key}' must be a non-empty list")
-    orphans = set(grid.get("model", {})) - set(grid["models"])
-    if orphans:  # a misspelt or dropped model's settings would be silently unused
-        raise ConfigError(f"{path}: [model.{sorted(orphans)[0]}] configures a model that 'models' does not list "
-                          f"({', '.join(grid['models'])})")
     grid.setdefault("seeds", [0])
     for where, seeds in [("seeds", grid["seeds"])] + [(f"[model.{m}] seeds", t["seeds"])
                                                       for m, t in grid.get("model", {}).items() if "seeds" in t]:
@@ -130,9 +126,12 @@ def expand(grid: dict[str, Any], results_dir: Path, data_root: Path | None = Non
     With ``need_data=False`` (a dry run) a missing dataset of fixed categories (MVTec AD, BTAD, MTD) is listed anyway.
     """
     from adbench.datasets import DATASETS, open_family
-    from adbench.models import resolve_config
+    from adbench.models import list_models, resolve_config
     from adbench.runner import RunSpec, cell_key, detector_code
 
+    misspelt = sorted(set(grid.get("model", {})) - set(list_models()))
+    if misspelt:  # its settings would be silently unused (a registered model's section is kept while unlisted)
+        raise ConfigError(f"[model.{misspelt[0]}] names no model; valid: {', '.join(list_models())}")
     data_root = data_root or (Path(grid["data_root"]) if "data_root" in grid else None)
     categories, missing = {}, []
     for dataset in grid["datasets"]:
