@@ -36,7 +36,7 @@ class RichProgress(Progress):
 
     @contextmanager
     def task(self, description: str, total: int | None = None) -> Iterator:
-        task = self.bar.add_task(description, total=total, info="")
+        task = self.bar.add_task(escape(description), total=total, info="")  # names may hold [brackets]
 
         def advance(n: int = 1, total: int | None = None, **fields) -> None:
             info = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in fields.items())
@@ -64,6 +64,7 @@ def _errors() -> Iterator[None]:
         if not isinstance(err, MemoryError) and "out of memory" not in text and "can't allocate memory" not in text:
             raise
         line = next((part.strip() for part in text.splitlines() if "memory" in part), text.strip()) or "MemoryError"
+        line = ". ".join(line.split(". ")[:2]) if "out of memory" in line else line  # CUDA's runs 500 characters
         console.print(f"[bold red]error: out of memory[/] ({escape(line)}); try a smaller --image-size or "
                       "--batch-size; earlier runs are kept", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
@@ -153,7 +154,7 @@ def run(
     for folder in folders:
         r = json.loads((folder / "result.json").read_text())
         m = r["metrics"]
-        table.add_row(r["category"], *(_fmt(m[k]) for k in ("image_auroc", "pixel_auroc", "image_aupr",
+        table.add_row(escape(r["category"]), *(_fmt(m[k]) for k in ("image_auroc", "pixel_auroc", "image_aupr",
                                                            "pixel_aupr", "aupro")),
                       f"{r['timing']['test_images_per_s']:.1f}")
     out.print(table)

@@ -24,7 +24,8 @@ def load_published(folder: Path | None = None) -> pd.DataFrame:
     """All published numbers under ``folder`` (default: the repository's ``results/published``); empty if none. A
     folder that was named but does not exist is an error (a typo would silently drop the papers' columns)."""
     if folder is not None and not Path(folder).is_dir():
-        raise ConfigError(f"published numbers folder not found: {folder}")
+        raise ConfigError(f"published numbers folder not found: {folder}" + (" (a file)" if Path(folder).exists()
+                                                                             else ""))
     folder = Path(folder) if folder is not None else DEFAULT_DIR
     frames = []
     for path in sorted(folder.glob("*.csv")) if folder.is_dir() else []:

@@ -223,8 +223,8 @@ def report_with_figures(results_dir: Path, stem: str | None,
     results = load_results(results_dir, skipped)
     if skipped:  # a report without them would be silently incomplete
         more = f" (and {len(skipped) - 1} more)" if len(skipped) > 1 else ""
-        raise AdbenchError(f"not a run's result: {skipped[0]}{more}; move it out of {Path(results_dir) / 'runs'} or "
-                           "rerun its cell")
+        raise AdbenchError(f"not a run's result: {skipped[0]}{more}; move or delete it (a sweep reruns a cell "
+                           "that has no readable result)")
     if not results:
         raise AdbenchError(f"no runs found under {Path(results_dir) / 'runs'} (run `adbench run` first)")
     frame, replaced = latest_runs(results_frame(results))

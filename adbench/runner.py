@@ -399,7 +399,7 @@ def run_one(spec: RunSpec, progress: Progress = NULL_PROGRESS, *, eval_epochs: S
             "checkpoint": "last epoch (no model selection on the test set)",
             "eval_resolution": f"{spec.image_size}x{spec.image_size} (images bilinear, masks nearest)",
             "geometry": GEOMETRY_PROTOCOL[spec.geometry],
-            "mask_binarisation": f"> {family.mask_threshold} after resizing",
+            "mask_binarisation": test.mask_binarisation(),
             "aupr": "average precision (step-wise)", "aupro": "exact MVTec AD definition, FPR limit 0.3",
             **detector.protocol(),
         },

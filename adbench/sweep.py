@@ -425,8 +425,8 @@ def _run_submitit(cells: list[Cell], executor: str, slurm: dict[str, Any], on_re
     except (OSError, subprocess.CalledProcessError, submitit.core.utils.FailedJobError) as err:  # no sbatch, or it
         # refused (no controller, a bad partition); FailedJobError carries its stderr
         why = ([line for line in str(err).splitlines() if line.strip()] or [repr(err)])[-1].strip().rstrip(".")
-        raise AdbenchError(f"{executor}: submitting the {len(cells)} cells failed ({why}); nothing was submitted, "
-                           "they stay to run") from None
+        raise AdbenchError(f"{executor}: submitting the {len(cells)} cells failed ({why}); nothing was submitted: "
+                           "run the sweep again once the submitter works") from None
     print(f"submitted {len(jobs)} cells as job {jobs[0].job_id.split('_')[0]}; logs in {results_dir / 'logs'}",
           file=sys.stderr)
     if executor == "slurm":

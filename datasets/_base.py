@@ -193,8 +193,8 @@ class DatasetFamily:
             raise DatasetError(f"unknown {self.name} category {category!r}; valid: {', '.join(valid)}")
 
 
-WIDE_MODES = {"I;16": "16-bit", "I;16B": "16-bit", "I;16L": "16-bit", "I;16N": "16-bit", "I": "32-bit integer",
-              "F": "32-bit float"}  # PIL clips these to 0-255 when it converts them to RGB
+WIDE_MODES = {"I;16": "16-bit", "I;16B": "16-bit", "I;16L": "16-bit", "I;16N": "16-bit",
+              "I": "more than 8-bit (integer)", "F": "floating point"}  # PIL clips these to 0-255 on the way to RGB
 
 
 def _open_image(path: str, mode: str) -> Image.Image:
@@ -236,6 +236,19 @@ class AnomalyDataset:
     def __len__(self) -> int:
         return len(self.index)
 
+    def mask_threshold(self, mask_path: str) -> int:
+        """A mask pixel above this (after resizing) is defective: the family's, and at least 127 for JPEG masks."""
+        lossy = str(mask_path).lower().endswith(LOSSY_SUFFIXES)
+        return max(self.family.mask_threshold, 127) if lossy else self.family.mask_threshold
+
+    def mask_binarisation(self) -> str:
+        """What ``mask_threshold`` does on this split, for result.json."""
+        masks = [m for m in self.index.mask_path if isinstance(m, str)]
+        used = sorted({self.mask_threshold(m) for m in masks}) or [self.family.mask_threshold]
+        if len(used) == 1:
+            return f"> {used[0]} after resizing"
+        return f"> {self.family.mask_threshold} after resizing (JPEG masks > {used[-1]})"
+
     @property
     def labels(self) -> np.ndarray:
         return self.index.label.to_numpy()
@@ -252,9 +265,7 @@ class AnomalyDataset:
         if mask is None:
             m = torch.zeros(size, dtype=torch.bool)
         else:
-            lossy = str(row.mask_path).lower().endswith(LOSSY_SUFFIXES)
-            threshold = max(self.family.mask_threshold, 127) if lossy else self.family.mask_threshold
-            m = torch.from_numpy(np.array(mask.resize(size, Image.NEAREST)) > threshold)
+            m = torch.from_numpy(np.array(mask.resize(size, Image.NEAREST)) > self.mask_threshold(row.mask_path))
         return Sample(img, m, int(row.label), str(row.defect), str(row.image_path), box)
 
     def batches(self, batch_size: int, workers: int = 2) -> Iterator[list[Sample]]:

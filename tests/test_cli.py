@@ -87,6 +87,9 @@ def test_errors_are_one_line(tmp_path, args, message):
                   "tried to allocate 120000000000 bytes."),
      "error: out of memory ([enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory"),
     (MemoryError(), "error: out of memory (MemoryError); try a smaller --image-size or --batch-size"),
+    (RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity of 79 GiB of which "
+                  "... If reserved but unallocated memory is large try setting PYTORCH_CUDA_ALLOC_CONF"),
+     "error: out of memory (CUDA out of memory. Tried to allocate 20.00 GiB); try"),
     (DatasetError("image /data/[line a]/x.png is 16-bit"), "error: image /data/[line a]/x.png is 16-bit"),
 ])
 def test_memory_and_bracketed_errors_are_one_intact_line(tmp_path, monkeypatch, raised, shown):
@@ -100,7 +103,7 @@ def test_memory_and_bracketed_errors_are_one_intact_line(tmp_path, monkeypatch, 
     monkeypatch.setattr(adbench.runner, "run", fail)
     result, out = invoke(["run", "--results-dir", str(tmp_path)])
     assert result.exit_code == 1 and shown in " ".join(out.split()), out
-    assert "Traceback" not in out and len(out.strip().splitlines()) <= 2
+    assert "Traceback" not in out and len(out.strip().splitlines()) <= 2 and "PYTORCH_CUDA_ALLOC_CONF" not in out
 
 
 def test_other_runtime_errors_are_not_called_memory(tmp_path, monkeypatch):
@@ -127,11 +130,14 @@ def test_nan_training_is_one_line_and_writes_nothing(tmp_path):
 
 
 def test_folder_dataset_run(tmp_path):
-    make_mvtec(tmp_path / "mine", categories=("widget",))
+    """A folder of the user's: its category name printed as it is (brackets are not rich markup)."""
+    make_mvtec(tmp_path / "mine", categories=("[v2] widget",))
     result, out = invoke(["run", "--dataset", "folder", "--root", str(tmp_path / "mine"), "--results-dir",
                           str(tmp_path / "res"), *FAST])
     assert result.exit_code == 0, out
-    assert list((tmp_path / "res" / "runs").glob("fastflow_*_folder_widget_s0/result.json"))
+    assert "[v2] widget" in out
+    (run,) = (tmp_path / "res" / "runs").iterdir()
+    assert run.name.startswith("fastflow_") and (run / "result.json").is_file()
 
 
 DOCS = [REPO / "README.md", *sorted((REPO / "results").glob("*.md"))]  # the README and the results files it links to

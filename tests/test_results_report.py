@@ -59,7 +59,7 @@ def test_report_refuses_a_result_it_cannot_read(tmp_path):
     (tmp_path / "runs" / "odd").mkdir()
     (tmp_path / "runs" / "odd" / "result.json").write_text("[]")
     with pytest.raises(AdbenchError, match=r"not a run's result: .*odd/result.json \(a JSON list, not an object\); "
-                                           r"move it out of"):
+                                           r"move or delete it"):
         build_report(tmp_path)
 
 
