@@ -214,13 +214,26 @@ def slurm_job() -> dict[str, str]:
 
 
 def slurm_states(jobs: list[str]) -> dict[str, str]:
-    """Slurm state (``RUNNING``, ``PENDING``, ``CANCELLED``...) of each job or array task id, from ``sacct``.
+    """Slurm state (``RUNNING``, ``PENDING``, ``CANCELLED``...) of each job or array task id: ``squeue``'s for the
+    jobs the controller holds (live; accounting can lag seconds behind a submission), else ``sacct``'s.
 
-    A job missing from the answer (or every job, when sacct fails or there is no accounting) has no known state.
+    A job missing from both answers (or every job, when both fail or there is no accounting) has no known state.
     """
     ids = sorted({job.split("_")[0] for job in jobs})
     if not ids:
         return {}
+    live = {}
+    try:  # -r: one line per array task, pending ones too; ids the controller no longer holds print nothing
+        out = subprocess.run(["squeue", "-h", "-r", "-o", "%i|%T", "-j", ",".join(ids)], text=True,
+                             capture_output=True, timeout=60, check=False).stdout
+        live = dict(line.strip().split("|", 1) for line in out.splitlines() if line.count("|") == 1)
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {**_sacct_states(ids), **live}
+
+
+def _sacct_states(ids: list[str]) -> dict[str, str]:
+    """``slurm_states``' accounting part: the state of each job and array task of the jobs ``ids``."""
     try:
         out = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "JobID,State", "-j", ",".join(ids)], text=True,
                              capture_output=True, timeout=60, check=True).stdout

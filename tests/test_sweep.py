@@ -297,19 +297,27 @@ def test_a_lock_taken_in_a_slurm_job_expires_with_the_job_on_any_host(tmp_path, 
     assert json.loads(lock.read_text())["slurm_job"] == "12_3"
 
 
-def test_slurm_states_reads_sacct_including_pending_array_tasks(tmp_path, monkeypatch):
-    fake = tmp_path / "bin" / "sacct"
-    fake.parent.mkdir()
-    fake.write_text("#!/bin/sh\necho \"$*\" > " + str(tmp_path / "args") + "\n"
-                    "printf '12_0|RUNNING\\n12_[0-3,5%%2]|PENDING\\n11|CANCELLED by 0\\n'\n")
-    fake.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+def test_slurm_states_reads_squeue_then_sacct_including_pending_array_tasks(tmp_path, monkeypatch):
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    for name, text in [("sacct", "12_0|RUNNING\\n12_[0-3,5%%2]|PENDING\\n11|CANCELLED by 0\\n"),
+                       ("squeue", "")]:
+        (bin_ / name).write_text(f"#!/bin/sh\necho \"$*\" > {tmp_path / name}.args\nprintf '{text}'\n")
+        (bin_ / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_}{os.pathsep}{os.environ['PATH']}")
     states = slurm_states(["12_0", "12_5", "11"])
-    assert (tmp_path / "args").read_text().split()[-2:] == ["-j", "11,12"]
+    assert (tmp_path / "sacct.args").read_text().split()[-2:] == ["-j", "11,12"]
+    assert (tmp_path / "squeue.args").read_text().split() == ["-h", "-r", "-o", "%i|%T", "-j", "11,12"]
     assert states["12_0"] == "RUNNING" and states["12_3"] == states["12_5"] == "PENDING"
     assert states["11"] == "CANCELLED" and "12_4" not in states
-    fake.unlink()
-    assert slurm_states(["12_0"]) == {}  # no sacct: no state known
+    # just submitted: accounting does not know job 13 yet, the controller does (make test-slurm once saw "todo")
+    (bin_ / "squeue").write_text("#!/bin/sh\nprintf '13_0|RUNNING\\n13_1|PENDING\\n'\n")
+    states = slurm_states(["13_0", "13_1"])  # (the fake sacct answers jobs 11 and 12 whatever it is asked)
+    assert states["13_0"] == "RUNNING" and states["13_1"] == "PENDING"
+    (bin_ / "sacct").unlink()
+    (bin_ / "squeue").write_text("#!/bin/sh\necho 'slurm_load_jobs error: Unable to contact slurm controller' >&2\n"
+                                 "exit 1\n")
+    assert slurm_states(["12_0"]) == {}  # neither answers: no state known
 
 
 REPO = Path(__file__).resolve().parents[1]
