@@ -269,7 +269,8 @@ def extract_features(
             Path(cache_dir).mkdir(parents=True, exist_ok=True)
             folder = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=cache_dir))  # renamed when complete
         except OSError as err:
-            raise ConfigError(f"cannot use feature cache {cache_dir}: {err.strerror or err}") from None
+            why = "it is a file, not a folder" if Path(cache_dir).is_file() else (err.strerror or err)
+            raise ConfigError(f"cannot use feature cache {cache_dir}: {why}") from None
     elif n * sum(math.prod(s) for s in shapes) * 4 > memory_limit:
         folder = Path(tempfile.mkdtemp(prefix="adbench-features-"))
     try:

@@ -106,6 +106,14 @@ def test_memory_and_bracketed_errors_are_one_intact_line(tmp_path, monkeypatch, 
     assert "Traceback" not in out and len(out.strip().splitlines()) <= 2 and "PYTORCH_CUDA_ALLOC_CONF" not in out
 
 
+def test_a_cache_dir_that_is_a_file_is_named(tmp_path):
+    (tmp_path / "cache").write_text("")
+    result, out = invoke(["run", "--category", "pattern", "--results-dir", str(tmp_path), "--cache-dir",
+                          str(tmp_path / "cache"), *FAST])
+    assert result.exit_code == 1 and "cache: it is a file, not a folder" in " ".join(out.split()), out
+    assert "Traceback" not in out and not list(tmp_path.glob("runs/*/result.json"))
+
+
 def test_other_runtime_errors_are_not_called_memory(tmp_path, monkeypatch):
     import adbench.runner
 
