@@ -11,7 +11,7 @@ from adbench.errors import ConfigError
 from adbench.features import FeatureStore, create_extractor
 from adbench.models import create_model, list_models, resolve_config
 from adbench.models._coupling import flow_z, fusable
-from adbench.models.fastflow import FastFlowConfig, anomaly_map, build_flow, loss
+from adbench.models.fastflow import FastFlowConfig, anomaly_map, build_flow, loss, mean_sq_z
 from conftest import predict_both_paths
 
 
@@ -84,6 +84,21 @@ def test_flow_z_computes_the_freia_flows_z(conv3x3_only):
                                    rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("conv3x3_only", [True, False])
+@pytest.mark.parametrize("shape", [(5, 7, 5, 6), (8, 7, 4, 4), (2, 24, 8, 8)])
+def test_mean_sq_z_is_the_mean_square_of_the_freia_flows_z(conv3x3_only, shape):
+    """FastFlow's scoring path (``mean_sq_z``) gives mean_c z^2 of FrEIA's z for trained-looking parameters (random
+    global affine), odd and even channel counts, with and without the k-row view (150 fibres: none; 128: k = 16)."""
+    torch.manual_seed(0)
+    flow = build_flow(shape[1:], dataclasses.replace(FastFlowConfig(), flow_steps=4, conv3x3_only=conv3x3_only))
+    with torch.no_grad():
+        for block in flow.module_list:
+            block.global_scale.uniform_(-0.5, 1.0)
+            block.global_offset.normal_()
+        x = torch.randn(shape)
+        torch.testing.assert_close(mean_sq_z(flow, x), flow(x)[0].square().mean(1), rtol=1e-5, atol=1e-5)
+
+
 def test_predict_is_the_same_on_both_paths(small):
     images = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8)
     fused, frei = predict_both_paths(small, images)
@@ -96,7 +111,7 @@ def test_loss_and_map_formulas():
     log_jac = [torch.tensor([1.0, 3.0]), torch.tensor([0.5, 0.5])]
     # scale 1: 0.5 * 48 * 4 - mean(1, 3) = 94; scale 2: 0 - 0.5
     assert loss(z, log_jac).item() == pytest.approx(93.5)
-    amap = anomaly_map(z, 8)
+    amap = anomaly_map([zi.square().mean(1) for zi in z], 8)
     # scale 1: -exp(-0.5 * 4) everywhere; scale 2: -1 everywhere; mean of the two
     assert torch.allclose(amap, torch.full((2, 8, 8), (-torch.exp(torch.tensor(-2.0)) - 1) / 2))
 
