@@ -119,8 +119,8 @@ def global_affine(block: Fm.AllInOneBlock) -> tuple[torch.Tensor, torch.Tensor]:
 def permute_affine(y: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, perm: torch.Tensor,
                    k: int) -> torch.Tensor:
     """(y * scale + offset)[:, perm] for fibres y [N, C]: one product with the [C, C] matrix diag(scale) P, which has
-    one nonzero per column (no rounding beyond the affine's), and one pass adding the offset on the [N / k, k * C]
-    view."""
+    one nonzero per column (in fp32 products no rounding beyond the affine's; TF32, which adbench leaves off, would
+    round y), and one pass adding the offset on the [N / k, k * C] view."""
     y = y @ (scale[:, None] * torch.eye(len(perm), dtype=y.dtype, device=y.device)[:, perm])
     y.view(-1, k * len(perm)).add_(offset[perm].repeat(k))
     return y
@@ -146,7 +146,8 @@ def mean_sq_z(flow: Ff.SequenceINN, x: torch.Tensor) -> torch.Tensor:
     c1 = blocks[0].splits[0]  # the subnet's half (FrEIA: the larger), the same in every block of one flow
     k = math.lcm(c, 16) // c  # k * C: whole 16-lane vectors
     k = k if (b * h * w) % k == 0 else 1
-    y = x.permute(0, 2, 3, 1).reshape(-1, c).contiguous()
+    y = x.new_empty(b * h * w, c)
+    y.view(b, h, w, c).copy_(x.permute(0, 2, 3, 1))  # always a copy: the blocks write into y, never into x
     for i, block in enumerate(blocks):
         if i:  # the previous block's global affine and permutation
             y = permute_affine(y, *global_affine(blocks[i - 1]), perms[i - 1], k)

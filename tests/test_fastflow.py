@@ -12,7 +12,7 @@ from adbench.features import FeatureStore, create_extractor
 from adbench.models import create_model, list_models, resolve_config
 from adbench.models._coupling import flow_z, fusable
 from adbench.models.fastflow import FastFlowConfig, anomaly_map, build_flow, loss, mean_sq_z
-from conftest import predict_both_paths
+from conftest import predict_both_paths, script_module
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +68,8 @@ def test_flow_round_trip(conv3x3_only):
 
 @pytest.mark.parametrize("conv3x3_only", [True, False])
 def test_flow_z_computes_the_freia_flows_z(conv3x3_only):
-    """The inference path (``models._coupling.flow_z``) gives FrEIA's z for trained-looking parameters (random global
-    affine, planar or channels-last maps), and the detector's maps match on both paths."""
+    """``models._coupling.flow_z`` (AE-FLOW's inference path) gives FrEIA's z on the flows FastFlow builds, for
+    trained-looking parameters (random global affine), planar or channels-last maps."""
     torch.manual_seed(0)
     flow = build_flow((7, 5, 6), dataclasses.replace(FastFlowConfig(), flow_steps=4, conv3x3_only=conv3x3_only))
     with torch.no_grad():
@@ -96,7 +96,27 @@ def test_mean_sq_z_is_the_mean_square_of_the_freia_flows_z(conv3x3_only, shape):
             block.global_scale.uniform_(-0.5, 1.0)
             block.global_offset.normal_()
         x = torch.randn(shape)
-        torch.testing.assert_close(mean_sq_z(flow, x), flow(x)[0].square().mean(1), rtol=1e-5, atol=1e-5)
+        expected = flow(x)[0].square().mean(1)
+        torch.testing.assert_close(mean_sq_z(flow, x), expected, rtol=1e-5, atol=1e-5)
+        x_last = x.contiguous(memory_format=torch.channels_last)  # its fibres are x's memory: must stay untouched
+        torch.testing.assert_close(mean_sq_z(flow, x_last), expected, rtol=1e-5, atol=1e-5)
+        assert torch.equal(x_last, x)
+
+
+def test_roofline_counts_the_permutations_as_gathers_and_puts_them_back():
+    """``scripts/roofline.py`` counts ``permute_affine``'s one-hot product as the gather it computes (no FLOPs), with
+    the same values, and restores it."""
+    from adbench.models import fastflow
+
+    roofline = script_module("roofline")
+    y, scale, offset, perm = torch.randn(64, 24), torch.rand(24) + 0.5, torch.randn(24), torch.randperm(24)
+    expected = (y * scale + offset)[:, perm]
+    torch.testing.assert_close(fastflow.permute_affine(y.clone(), scale, offset, perm, 2), expected)
+    assert roofline.flops_of(lambda: fastflow.permute_affine(y, scale, offset, perm, 2)) == 2 * 64 * 24 * 24
+    with roofline.reference_kernels():
+        assert roofline.flops_of(lambda: fastflow.permute_affine(y, scale, offset, perm, 2)) == 0
+        torch.testing.assert_close(fastflow.permute_affine(y, scale, offset, perm, 2), expected)
+    assert fastflow.permute_affine.__module__ == fastflow.__name__  # put back
 
 
 def test_predict_is_the_same_on_both_paths(small):
