@@ -14,7 +14,6 @@ There is no official code; defaults follow the best-known reproduction, gathierr
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -26,7 +25,7 @@ from torch import nn
 
 from adbench.errors import ConfigError
 from adbench.features import FeatureExtractor, FeatureStore
-from adbench.models._coupling import fusable, hard_permutations
+from adbench.models._coupling import fusable, mean_sq_z
 from adbench.models._position import POSITION_NORMS, position_layers
 from adbench.models._registry import Detector, Prediction, register_model
 from adbench.progress import NULL_PROGRESS, Progress
@@ -109,56 +108,6 @@ def anomaly_map(mean_sq: list[torch.Tensor], size: int) -> torch.Tensor:
     maps = [F.interpolate(-torch.exp(-0.5 * m[:, None]), size=(size, size), mode="bilinear", align_corners=False)
             for m in mean_sq]
     return (sum(maps) / len(maps))[:, 0]
-
-
-def global_affine(block: Fm.AllInOneBlock) -> tuple[torch.Tensor, torch.Tensor]:
-    """An AllInOneBlock's global affine: (scale, offset), each [C]."""
-    return block.global_scale_activation(block.global_scale).flatten(), block.global_offset.flatten()
-
-
-def permute_affine(y: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, perm: torch.Tensor,
-                   k: int) -> torch.Tensor:
-    """(y * scale + offset)[:, perm] for fibres y [N, C]: one product with the [C, C] matrix diag(scale) P, which has
-    one nonzero per column (in fp32 products no rounding beyond the affine's; TF32, which adbench leaves off, would
-    round y), and one pass adding the offset on the [N / k, k * C] view."""
-    y = y @ (scale[:, None] * torch.eye(len(perm), dtype=y.dtype, device=y.device)[:, perm])
-    y.view(-1, k * len(perm)).add_(offset[perm].repeat(k))
-    return y
-
-
-def mean_sq_z(flow: Ff.SequenceINN, x: torch.Tensor) -> torch.Tensor:
-    """The mean over channels of z^2 [B, H, W], z = FrEIA's ``flow(x)[0]``, for ``fusable`` flows of FastFlow's
-    subnets (conv-ReLU-conv): all the anomaly map reads of z. Soft permutations: FrEIA's forward.
-
-    FrEIA's operations per block (subnet on x1, a *= 0.1, x2 * exp(clamp * tanh(a_s)) + a_t, global affine, hard
-    permutation), arranged for the CPU on the channels-last fibres, one [B * H * W, C] matrix y = [x1 | x2] per block
-    (the subnets' convolutions run 1.4-3x faster channels-last for these few channels): the 0.1 folded into the last
-    convolution's weights; x2's update written into y; the global affine and the permutation one product with the
-    [C, C] matrix diag(scale) P (a one-hot column per output: exact) and one bias pass, instead of two affine passes
-    and two gathers; per-channel vectors applied on a [B * H * W / k, k * C] view, which fills the CPU's 16 lanes
-    where C does not; the last block's permutation skipped (a mean over channels does not depend on their order).
-    ``tests/test_fastflow.py`` checks it against FrEIA.
-    """
-    b, c, h, w = x.shape
-    blocks, perms = list(flow.module_list), hard_permutations(flow)
-    if not blocks or any(perm.dtype != torch.long for perm in perms):
-        return flow(x)[0].square().mean(1)
-    c1 = blocks[0].splits[0]  # the subnet's half (FrEIA: the larger), the same in every block of one flow
-    k = math.lcm(c, 16) // c  # k * C: whole 16-lane vectors
-    k = k if (b * h * w) % k == 0 else 1
-    y = x.new_empty(b * h * w, c)
-    y.view(b, h, w, c).copy_(x.permute(0, 2, 3, 1))  # always a copy: the blocks write into y, never into x
-    for i, block in enumerate(blocks):
-        if i:  # the previous block's global affine and permutation
-            y = permute_affine(y, *global_affine(blocks[i - 1]), perms[i - 1], k)
-        conv1, _, conv2 = block.subnet
-        hidden = conv1(y[:, :c1].contiguous().view(b, h, w, c1).permute(0, 3, 1, 2)).relu_()  # channels-last
-        a = F.conv2d(hidden, conv2.weight * 0.1, conv2.bias * 0.1, padding=conv2.padding)
-        a_s, a_t = a.permute(0, 2, 3, 1).reshape(len(y), -1).split(c - c1, dim=1)
-        torch.addcmul(a_t, y[:, c1:], a_s.contiguous().tanh_().mul_(block.clamp).exp_(), out=y[:, c1:])
-    scale, offset = global_affine(blocks[-1])
-    z = torch.addcmul(offset.repeat(k), y.view(-1, k * c), scale.repeat(k))
-    return z.square_().view(-1, c).mean(1).view(b, h, w)
 
 
 @register_model("fastflow")

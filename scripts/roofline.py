@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from adbench.features import FeatureExtractor, create_extractor
-from adbench.models import _resize, _ssim, create_model, fastflow, list_models, resolve_config
+from adbench.models import _coupling, _resize, _ssim, create_model, list_models, resolve_config
 from adbench.runner import keep_freed_memory
 
 
@@ -92,22 +92,22 @@ def reference_kernels():
     matrix products (``models._resize``: CFLOW-AD's anomaly maps, so CLS+CNF's CNFs too, and CLS+CNF's decoder, whose
     ``resize_bicubic`` calls ``_resize.resize``) counted on torch's kernel, which the counter counts as none (``resize``
     is swapped in every module that holds it, ``models._resize`` included); AE-FLOW's SSIM window counted as two 1D
-    convolutions (``separable_window``); FastFlow's permutations, products with a one-hot matrix
-    (``fastflow.permute_affine``), counted as the gather they compute, which the counter counts as none."""
+    convolutions (``separable_window``); FastFlow's and AE-FLOW's permutations, products with a one-hot matrix
+    (``_coupling.permute_affine``), counted as the gather they compute, which the counter counts as none."""
     original = _resize.resize
     users = [m for m in list(sys.modules.values()) if vars(m).get("resize") is original]  # no module __getattr__
     for module in users:
         module.resize = torch_resize
     window, _ssim._window = _ssim._window, separable_window
-    permute = fastflow.permute_affine
-    fastflow.permute_affine = lambda y, scale, offset, perm, k: (y * scale + offset)[:, perm]
+    permute = _coupling.permute_affine
+    _coupling.permute_affine = lambda y, scale, offset, perm, k: (y * scale + offset)[:, perm]
     try:
         yield
     finally:
         for module in users:
             module.resize = original
         _ssim._window = window
-        fastflow.permute_affine = permute
+        _coupling.permute_affine = permute
 
 
 def measure(model: str, args, images: torch.Tensor) -> list[dict]:

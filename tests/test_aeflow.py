@@ -19,6 +19,7 @@ from adbench.errors import ConfigError, TrainingError
 from adbench.features import FeatureStore, create_extractor
 from adbench.models import create_model, list_models, resolve_config
 from adbench.models._batchnorm import population_batchnorm
+from adbench.models._coupling import flow_z, mean_sq_z
 from adbench.models._ssim import ssim_map
 from adbench.models.aeflow import AEFlowConfig, build_flow, flow_nll_per_dim, flow_scores, loss, recon_scores
 from adbench.runner import seed_everything
@@ -107,6 +108,29 @@ def test_flow_round_trip(subnet):
         back, lj_rev = flow(z, rev=True)
     assert torch.allclose(x, back, atol=1e-5) and torch.allclose(lj, -lj_rev, atol=1e-4)
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in flow.modules()) == (subnet == "resnet")
+
+
+@pytest.mark.parametrize("subnet", ["conv", "resnet"])
+@pytest.mark.parametrize("shape", [(3, 7, 4, 5), (2, 112, 4, 4)])
+def test_flow_z_and_mean_sq_z_compute_the_freia_flows_z(subnet, shape):
+    """``models._coupling``'s inference path on AE-FLOW's flows, both subnets (the 0.1 folded into the "conv"
+    subnet's last convolution; a pass after the "resnet" one, with BatchNorm's running statistics), for trained-looking
+    parameters: FrEIA's z, and mean_c z^2, from planar or channels-last maps, which stay untouched."""
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(AEFlowConfig(), flow_steps=3, subnet=subnet, hidden_channels=8)
+    flow = build_flow(shape[1:], cfg).eval()
+    with torch.no_grad():
+        for block in flow.module_list:
+            block.global_scale.uniform_(-0.5, 1.0)
+            block.global_offset.normal_()
+            for bn in (m for m in block.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+                bn.running_mean.normal_(), bn.running_var.uniform_(0.5, 2.0), bn.weight.uniform_(0.5, 1.5)
+        x = torch.randn(shape)
+        expected = flow(x)[0]
+        for inputs in (x, x.contiguous(memory_format=torch.channels_last)):
+            torch.testing.assert_close(flow_z(flow, inputs), expected, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(mean_sq_z(flow, inputs), expected.square().mean(1), rtol=1e-5, atol=1e-5)
+            assert torch.equal(inputs, x)
 
 
 def test_loss_and_score_formulas():

@@ -9,9 +9,9 @@ import torch
 
 from adbench.errors import ConfigError
 from adbench.features import FeatureStore, create_extractor
-from adbench.models import create_model, list_models, resolve_config
-from adbench.models._coupling import flow_z, fusable
-from adbench.models.fastflow import FastFlowConfig, anomaly_map, build_flow, loss, mean_sq_z
+from adbench.models import _coupling, create_model, list_models, resolve_config
+from adbench.models._coupling import flow_z, fusable, mean_sq_z
+from adbench.models.fastflow import FastFlowConfig, anomaly_map, build_flow, loss
 from conftest import predict_both_paths, script_module
 
 
@@ -106,17 +106,15 @@ def test_mean_sq_z_is_the_mean_square_of_the_freia_flows_z(conv3x3_only, shape):
 def test_roofline_counts_the_permutations_as_gathers_and_puts_them_back():
     """``scripts/roofline.py`` counts ``permute_affine``'s one-hot product as the gather it computes (no FLOPs), with
     the same values, and restores it."""
-    from adbench.models import fastflow
-
     roofline = script_module("roofline")
     y, scale, offset, perm = torch.randn(64, 24), torch.rand(24) + 0.5, torch.randn(24), torch.randperm(24)
     expected = (y * scale + offset)[:, perm]
-    torch.testing.assert_close(fastflow.permute_affine(y.clone(), scale, offset, perm, 2), expected)
-    assert roofline.flops_of(lambda: fastflow.permute_affine(y, scale, offset, perm, 2)) == 2 * 64 * 24 * 24
+    torch.testing.assert_close(_coupling.permute_affine(y.clone(), scale, offset, perm, 2), expected)
+    assert roofline.flops_of(lambda: _coupling.permute_affine(y, scale, offset, perm, 2)) == 2 * 64 * 24 * 24
     with roofline.reference_kernels():
-        assert roofline.flops_of(lambda: fastflow.permute_affine(y, scale, offset, perm, 2)) == 0
-        torch.testing.assert_close(fastflow.permute_affine(y, scale, offset, perm, 2), expected)
-    assert fastflow.permute_affine.__module__ == fastflow.__name__  # put back
+        assert roofline.flops_of(lambda: _coupling.permute_affine(y, scale, offset, perm, 2)) == 0
+        torch.testing.assert_close(_coupling.permute_affine(y, scale, offset, perm, 2), expected)
+    assert _coupling.permute_affine.__module__ == _coupling.__name__  # put back
 
 
 def test_predict_is_the_same_on_both_paths(small):
