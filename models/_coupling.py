@@ -16,7 +16,7 @@ from torch import nn
 
 def hard_permutations(flow: Ff.SequenceINN) -> list[torch.Tensor]:
     """Each block's permutation as FrEIA applies it (``x @ w_perm.T``): the index when it is a hard (one-hot)
-    permutation, a gather instead of a C x C product, else w_perm.T. FrEIA never trains w_perm: compute once."""
+    permutation, a gather instead of a C x C product, else w_perm.T. FrEIA never trains w_perm."""
     perms = []
     for block in flow.module_list:
         perm = block.w_perm.detach().flatten(1)
@@ -40,9 +40,14 @@ def global_affine(block: Fm.AllInOneBlock) -> tuple[torch.Tensor, torch.Tensor]:
 
 def permute_affine(y: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, perm: torch.Tensor,
                    k: int) -> torch.Tensor:
-    """(y * scale + offset)[:, perm] for fibres y [N, C]: one product with the [C, C] matrix diag(scale) P, which has
-    one nonzero per column (in fp32 products no rounding beyond the affine's; TF32, which adbench leaves off, would
-    round y), and one pass adding the offset on the [N / k, k * C] view."""
+    """(y * scale + offset)[:, perm] for fibres y [N, C], viewed as [N / k, k * C] for the per-channel vectors.
+
+    Where C fills whole 16-lane vectors (k = 1: AE-FLOW's 112 channels, a WRN-50's 256-1024): one affine pass and a
+    gather. Where it does not (FastFlow's 24 and 40 channels on Lite0), passes over [N, C] are slow, and one product
+    with the [C, C] matrix diag(scale) P is faster (2C FLOPs per element, cheap at such C; one nonzero per column, so in
+    fp32 no rounding beyond the affine's, while TF32, which adbench leaves off, would round y), then one offset pass."""
+    if k == 1:
+        return torch.addcmul(offset, y, scale).gather(1, perm.expand(len(y), -1))
     y = y @ (scale[:, None] * torch.eye(len(perm), dtype=y.dtype, device=y.device)[:, perm])
     y.view(-1, k * len(perm)).add_(offset[perm].repeat(k))
     return y
@@ -66,9 +71,9 @@ def _z_fibres(flow: Ff.SequenceINN, x: torch.Tensor, perms: list[torch.Tensor]) 
     FrEIA's operations per block (subnet on x1, a *= 0.1, x2 * exp(clamp * tanh(a_s)) + a_t, global affine, hard
     permutation), arranged for the CPU on the channels-last fibres, one [B * H * W, C] matrix y = [x1 | x2] per block
     (the subnets' convolutions run 1.4-3x faster channels-last for these few channels): the 0.1 folded into the
-    subnet (``scaled_subnet``); x2's update written into y; the global affine and the permutation one product
-    (``permute_affine``) instead of two affine passes over strided halves and two gathers; per-channel vectors
-    applied on a [B * H * W / k, k * C] view, which fills the CPU's 16 lanes where C does not."""
+    subnet (``scaled_subnet``); x2's update written into y; the global affine and the permutation as one matrix
+    (``permute_affine``), not two affine passes over strided halves and two gathers; per-channel vectors applied on a
+    [B * H * W / k, k * C] view, which fills the CPU's 16 lanes where C does not."""
     b, c, h, w = x.shape
     blocks = list(flow.module_list)
     c1 = blocks[0].splits[0]  # the subnet's half (FrEIA: the larger), the same in every block of one flow

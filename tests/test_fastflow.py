@@ -68,7 +68,7 @@ def test_flow_round_trip(conv3x3_only):
 
 @pytest.mark.parametrize("conv3x3_only", [True, False])
 def test_flow_z_computes_the_freia_flows_z(conv3x3_only):
-    """``models._coupling.flow_z`` (AE-FLOW's inference path) gives FrEIA's z on the flows FastFlow builds, for
+    """``models._coupling.flow_z`` (AE-FLOW's scoring path) gives FrEIA's z on the flows FastFlow builds, for
     trained-looking parameters (random global affine), planar or channels-last maps."""
     torch.manual_seed(0)
     flow = build_flow((7, 5, 6), dataclasses.replace(FastFlowConfig(), flow_steps=4, conv3x3_only=conv3x3_only))
@@ -104,8 +104,8 @@ def test_mean_sq_z_is_the_mean_square_of_the_freia_flows_z(conv3x3_only, shape):
 
 
 def test_roofline_counts_the_permutations_as_gathers_and_puts_them_back():
-    """``scripts/roofline.py`` counts ``permute_affine``'s one-hot product as the gather it computes (no FLOPs), with
-    the same values, and restores it."""
+    """``scripts/roofline.py`` counts ``permute_affine``'s one-hot product (the k > 1 path) as the gather it computes
+    (no FLOPs), with the same values, and restores it; the k = 1 path (an affine pass and a gather) gives them too."""
     roofline = script_module("roofline")
     y, scale, offset, perm = torch.randn(64, 24), torch.rand(24) + 0.5, torch.randn(24), torch.randperm(24)
     expected = (y * scale + offset)[:, perm]
@@ -115,6 +115,7 @@ def test_roofline_counts_the_permutations_as_gathers_and_puts_them_back():
         assert roofline.flops_of(lambda: _coupling.permute_affine(y, scale, offset, perm, 2)) == 0
         torch.testing.assert_close(_coupling.permute_affine(y, scale, offset, perm, 2), expected)
     assert _coupling.permute_affine.__module__ == _coupling.__name__  # put back
+    torch.testing.assert_close(_coupling.permute_affine(y, scale, offset, perm, 1), expected)  # affine and gather
 
 
 def test_predict_is_the_same_on_both_paths(small):
