@@ -154,13 +154,15 @@ def choose_fusion(base: torch.Tensor, extra: torch.Tensor, labels: np.ndarray, g
 
 @torch.no_grad()
 def held_out_fusion(part_maps: Callable[[torch.Tensor], dict[str, torch.Tensor]], held: torch.Tensor,
-                    bases: Sequence[str], extra: str, grid: Sequence[float], scalings: Sequence[str] = FUSION_SCALINGS,
-                    *, tie_se: float = 1.0, batch_size: int = 32, progress: Progress = NULL_PROGRESS, **defects
-                    ) -> dict[str, dict[str, Any]]:
+                    bases: Sequence[str | tuple[str, ...]], extra: str, grid: Sequence[float],
+                    scalings: Sequence[str] = FUSION_SCALINGS, *, tie_se: float = 1.0, batch_size: int = 32,
+                    progress: Progress = NULL_PROGRESS, **defects) -> dict[str, dict[str, Any]]:
     """``choose_fusion`` of each map named in ``bases`` with the map ``extra``, on held-out training images ``held``
     [N, 3, S, S] uint8, as they are and with one synthetic defect each (``synthetic_set(held, **defects)``, built
-    once); ``part_maps`` gives the named [B, S, S] maps of a uint8 batch (one pass for all). One record per base; each
-    adds ``how``, ``n_held_out``, ``n_defective`` and ``defect_sources``."""
+    once); ``part_maps`` gives the named [B, S, S] maps of a uint8 batch (one pass for all). A base that is a tuple of
+    names is the sum of those maps, each standardised by the normal held-out pixels (``standardised_sum``), recorded
+    under the names joined by ``+`` with ``sum_affine`` (mean, std of each). One record per base; each adds ``how``,
+    ``n_held_out``, ``n_defective`` and ``defect_sources``."""
     data = synthetic_set(held, **defects)
     parts: dict[str, list[torch.Tensor]] = {}
     with progress.task("choose fusion (held-out training images)", total=len(data["image"])) as advance:
@@ -170,9 +172,21 @@ def held_out_fusion(part_maps: Callable[[torch.Tensor], dict[str, torch.Tensor]]
                 parts.setdefault(name, []).append(m.float().cpu())
             advance(len(batch))
     maps = {name: torch.cat(m) for name, m in parts.items()}
+    normal, sums = torch.from_numpy(data["label"] == 0), {}
+    for names in (b for b in bases if not isinstance(b, str)):
+        sums["+".join(names)] = [v for name in names for v in (float(maps[name][normal].mean()),
+                                                                 max(float(maps[name][normal].std()), 1e-12))]
+        maps["+".join(names)] = standardised_sum([maps[name] for name in names], sums["+".join(names)])
     how = ("validation: Image AUROC of the joint map max on held-out training images, as they are and with one "
            "synthetic defect each (adbench.validation: draw and defects fixed); candidates within tie_margin of the "
            "best tie, and a tie goes to the smallest w in raw units (raw first)")
     record = {"n_held_out": len(held), "n_defective": int(data["label"].sum()), "defect_sources": data["sources"]}
-    return {base: {"how": how, **choose_fusion(maps[base], maps[extra], data["label"], grid, scalings, (base, extra),
-                                               tie_se), **record} for base in bases}
+    keys = [b if isinstance(b, str) else "+".join(b) for b in bases]
+    return {key: {"how": how, **choose_fusion(maps[key], maps[extra], data["label"], grid, scalings, (key, extra),
+                                              tie_se), **record, **({"sum_affine": sums[key]} if key in sums else {})}
+            for key in keys}
+
+
+def standardised_sum(maps: Sequence[torch.Tensor], affine: Sequence[float]) -> torch.Tensor:
+    """sum_k (maps[k] - affine[2k]) / affine[2k + 1]: maps of different units summed with equal say."""
+    return sum(((m - affine[2 * k]) / affine[2 * k + 1] for k, m in enumerate(maps)), torch.zeros(()))

@@ -11,8 +11,8 @@ then use; the two anomaly maps are fused. Official code: seungmi-oh/AD-CLSCNFs (
   encoder, maps normalised by the training-set maximum;
 - fusion: joint map = CNF map + w * classifier map, image score = joint max. Their w is per category (their scripts,
   ``--preset paper``); adbench's default chooses w, whether the two maps are standardised before the sum, and which
-  CNF (fine-tuned or ImageNet features, ``baseline_cnf``) on a fixed held-out part of the training images with
-  synthetic defects (``fusion``), never on test labels.
+  CNF (fine-tuned or ImageNet features, ``baseline_cnf``, or both where they tie, ``cnf_ensemble``) on a fixed
+  held-out part of the training images with synthetic defects (``fusion``), never on test labels.
 """
 
 from __future__ import annotations
@@ -30,54 +30,15 @@ from adbench.defects import OBJECT_MASK_MODES, DefectSynthesizer
 from adbench.errors import ConfigError
 from adbench.features import FeatureExtractor, FeatureStore
 from adbench.models._batchnorm import population_batchnorm
+from adbench.models._clscnf_paper import NO_FILL, OBJECT_MASK, PAPER_CLASSES, W_FE
 from adbench.models._decoder import Decoder
 from adbench.models._registry import Detector, Prediction, register_model
 from adbench.models.cflow import CFlow, CFlowConfig, cosine_lr_factor
 from adbench.progress import NULL_PROGRESS, Progress
 from adbench.train import Stage, run_stage
-from adbench.validation import FUSION_SCALINGS, held_out_fusion, held_out_rows
+from adbench.validation import FUSION_SCALINGS, auroc_se, held_out_fusion, held_out_rows, standardised_sum
 
-# Their run scripts (``--w_fe``, ``infer_type joint``): the classifier map's weight per category; 1.0 elsewhere.
-_MVTEC = ("bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut", "pill", "screw", "tile",
-          "toothbrush", "transistor", "wood", "zipper")
-W_FE = {**{("mvtec", c): 1.0 for c in _MVTEC}, ("mvtec", "bottle"): 0.3, ("mvtec", "cable"): 0.05,
-        ("mvtec", "capsule"): 0.3, ("mvtec", "metal_nut"): 0.5, ("mvtec", "transistor"): 0.6,
-        ("mvtec", "zipper"): 0.15, ("btad", "01"): 0.1, ("btad", "02"): 0.05, ("btad", "03"): 0.3}
-# Their ``synthetic_data_loader.py`` class lists: object = bright side of Otsu (``reverse_mask_cls``), no object mask
-# (``no_bg_use_cls``), otherwise the dark side; no hole filling for ``no_fill_hole_cls``.
-_BRIGHT = {("mvtec", c) for c in ("cable", "hazelnut", "metal_nut", "pill", "toothbrush")} | {("btad", "01"),
-                                                                                              ("btad", "03")}
-_NONE = {("mvtec", c) for c in ("transistor", "tile", "wood", "carpet", "leather")} | {("btad", "02")}
-_NO_FILL = {("mvtec", "grid"), ("mvtec", "metal_nut"), ("btad", "01")}
-OBJECT_MASK = {k: "bright" if k in _BRIGHT else "none" if k in _NONE else "dark" for k in W_FE}
-OBJECT_MASK[("synthetic", "object")] = "bright"  # adbench: a bright part on a dark background (datasets/synthetic.py)
-
-
-def _stage1(frozen: int, finetune: int, sub: int, **more) -> dict:
-    """Classifier passes of a schedule in their units: meta-epochs x ``sub_epochs`` x ``repeat_num`` = 5 (their
-    loader repeats the training set 5 times per epoch, with fresh defects)."""
-    return {"cls_frozen_epochs": frozen * sub * 5, "cls_finetune_epochs": finetune * sub * 5, **more}
-
-
-# Their per-class exceptions to the paper schedule (``run_scripts/*/train_eval_total.sh``; reference notes 4.6; the
-# MVTec default is 85 + 15 meta-epochs x 2 sub at bs 32, lr 1e-4), applied with ``--preset paper``. Their bs 16 is
-# stage 1's; adbench's ``batch_size`` is shared by both stages (the CNFs' optimiser batch is ``fiber_batch``).
-_PAPER_CLASSES = {
-    ("mvtec", "cable"): _stage1(85, 15, 1, batch_size=16, cls_lr=5e-5, cls_encoder_lr=5e-5),
-    ("mvtec", "capsule"): {"cls_lr": 5e-4, "cls_encoder_lr": 5e-4},
-    ("mvtec", "metal_nut"): _stage1(80, 20, 2, batch_size=16),
-    ("mvtec", "pill"): _stage1(85, 15, 1, batch_size=16),
-    ("mvtec", "screw"): _stage1(35, 5, 1, batch_size=16, cls_lr=5e-4, cls_encoder_lr=5e-4),
-    ("mvtec", "toothbrush"): {"batch_size": 16},
-    ("mvtec", "transistor"): _stage1(70, 30, 2, batch_size=16),
-    ("mvtec", "zipper"): _stage1(80, 20, 2, batch_size=16),
-    # BTAD: stage 1 at bs 16 (weight decay 5e-4 for 01, 03); CNFs 8 meta x 6 sub passes, 2 x 6 warm-up, lr per product
-    ("btad", "01"): _stage1(7, 1, 4, batch_size=16, cls_weight_decay=5e-4, epochs=48, warmup_epochs=12, lr=5e-5),
-    ("btad", "02"): _stage1(7, 1, 5, batch_size=16, epochs=48, warmup_epochs=12, lr=2e-5),
-    ("btad", "03"): _stage1(8, 2, 6, batch_size=16, cls_weight_decay=5e-4, epochs=48, warmup_epochs=12, lr=1e-4),
-}
-
-
+CNF_CHOICES = ("finetuned", "imagenet", "both")  # the joint map's CNF part (``cnf_choice``); both: standardised sum
 _CNF_FIELDS = ("layers", "coupling_blocks", "condition_dims", "clamp", "permute_soft", "fiber_batch", "lr",
                "batch_size", "epochs", "warmup_epochs", "position_norm", "map_blur")  # the CNFs' CFlowConfig fields
 
@@ -125,6 +86,10 @@ class ClsCnfConfig:
     # their ``base-nf_only``), and with fusion "validation" fuse whichever CNF scores higher on the held-out images
     # (ties: the fine-tuned one, theirs): at the CPU budget the fine-tuning may cost the CNF more than it gives (MTD:
     # results/sweep_mtd.md); +1 CNF training, about 20 % of the fit on MTD. False: the fine-tuned CNF only
+    cnf_ensemble: bool = True  # adbench: with baseline_cnf and fusion "validation", when the two CNFs' held-out
+    # choices tie (within fusion_tie_se standard errors) the joint map's CNF part is the sum of both CNF maps, each
+    # standardised by the normal held-out pixels: of two near-equal members on different features, picking the higher
+    # estimate is a coin flip, averaging lowers the variance (results/clscnf_mtd.md). False: the higher one alone
     fusion: str = "validation"  # adbench: w and the scaling chosen on held-out training images with synthetic
     # defects (their per-category w looks tuned on test sets, and for their schedule); "fixed": classifier_weight,
     # the raw sum (preset "paper")
@@ -139,7 +104,7 @@ class ClsCnfConfig:
     classifier_weight: float = 1.0  # fusion "fixed": their ``--w_fe`` per category (W_FE), elsewhere 1.0
     # added later: runs made before them keep their cell keys (adbench.runner._config_part)
     KEY_SKIP_AT_DEFAULT: ClassVar[tuple[str, ...]] = ("position_norm", "map_blur")
-    VALUE_BEFORE: ClassVar[dict[str, str]] = {"bn_stats": "running"}  # what runs made before the field ran with
+    VALUE_BEFORE: ClassVar[dict] = {"bn_stats": "running", "cnf_ensemble": False}  # what runs made before them ran
 
     def __post_init__(self) -> None:
         for name, valid in (("object_mask", OBJECT_MASK_MODES), ("bn_stats", ("population", "running"))):
@@ -176,8 +141,8 @@ class ClsCnf(Detector):
                          "decoder_width": 128, "decoder_stride": 1, "decoder_blocks": (3, 6, 4, 3), "epochs": 200,
                          "warmup_epochs": 16, "permute_soft": True, "baseline_cnf": True, "fusion": "fixed"}}
     CATEGORY_DEFAULTS = {key: {"classifier_weight": W_FE.get(key, 1.0), "object_mask": OBJECT_MASK[key],
-                               "fill_holes": key not in _NO_FILL} for key in OBJECT_MASK}
-    PRESET_CATEGORIES = {"paper": _PAPER_CLASSES}
+                               "fill_holes": key not in NO_FILL} for key in OBJECT_MASK}
+    PRESET_CATEGORIES = {"paper": PAPER_CLASSES}
     needs_images = True
 
     def __init__(self, extractor: FeatureExtractor, image_size: int, config: ClsCnfConfig) -> None:
@@ -192,7 +157,8 @@ class ClsCnf(Detector):
         # joint = (CNF - a) / b + w (classifier - c) / d: [w, a, b, c, d], raw sum until ``select_fusion``
         self.register_buffer("fusion_params", torch.tensor([config.classifier_weight, 0.0, 1.0, 0.0, 1.0],
                                                              dtype=torch.float64))
-        self.register_buffer("fuse_imagenet", torch.tensor(False))  # the joint map's CNF: the ImageNet-feature one
+        self.register_buffer("cnf_choice", torch.tensor(0))  # the joint map's CNF part: an index of CNF_CHOICES
+        self.register_buffer("ensemble_affine", torch.tensor([0.0, 1.0, 0.0, 1.0], dtype=torch.float64))  # "both"
         self.stage_seconds: dict[str, float] = {}
         self.source_counts: dict[str, int] = {}
         self.selection: dict[str, dict] = {}  # what fit chose and on what (the result's ``selection``)
@@ -288,18 +254,23 @@ class ClsCnf(Detector):
         saw), as they are and with one synthetic defect each; sets ``fusion_params``, records ``selection``."""
         t0, cfg = time.perf_counter(), self.config
         self.eval()
-        bases = ("cnf", "cnf_imagenet") if self.baseline is not None else ("cnf",)
+        bases: list = ["cnf"]  # the CNF on ImageNet's features too, and both CNFs' sum: same classifier and set
+        if self.baseline is not None:
+            bases += ["cnf_imagenet", ("cnf", "cnf_imagenet")] if cfg.cnf_ensemble else ["cnf_imagenet"]
         choices = held_out_fusion(self.part_maps, held, bases, "classifier", cfg.fusion_grid, cfg.fusion_scalings,
                                   tie_se=cfg.fusion_tie_se, batch_size=cfg.batch_size, progress=progress,
                                   object_mask=cfg.object_mask, fill_holes=cfg.fill_holes)
         choice = choices["cnf"]
-        if self.baseline is not None:  # the CNF on ImageNet's features with the same classifier, same held-out set
-            other = choices["cnf_imagenet"]
-            alone = {**choice["alone"], **other["alone"]}
-            self.fuse_imagenet.fill_(other["image_auroc"] > choice["image_auroc"])  # ties: the fine-tuned CNF
-            choice = {**(other if self.fuse_imagenet else choice), "alone": alone,
-                      "cnf": "imagenet" if self.fuse_imagenet else "finetuned",
-                      "cnf_image_auroc": {"finetuned": choice["image_auroc"], "imagenet": other["image_auroc"]}}
+        if self.baseline is not None:  # which CNF part (CNF_CHOICES): the two CNFs' fused held-out AUROCs decide
+            ft, im = choice["image_auroc"], choices["cnf_imagenet"]["image_auroc"]
+            margin = cfg.fusion_tie_se * auroc_se(max(ft, im), choice["n_defective"], choice["n_held_out"])
+            pick = 2 if cfg.cnf_ensemble and abs(ft - im) <= margin else int(im > ft)  # else ties: fine-tuned, theirs
+            key = ("cnf", "cnf_imagenet", "cnf+cnf_imagenet")[pick]
+            self.cnf_choice.fill_(pick)
+            self.ensemble_affine.copy_(torch.tensor(choices[key].get("sum_affine", [0.0, 1.0, 0.0, 1.0])))
+            choice = {**choices[key], "cnf": CNF_CHOICES[pick], "tie_margin_cnf": margin,
+                      "alone": {k: v for c in choices.values() for k, v in c["alone"].items()},
+                      "cnf_image_auroc": {CNF_CHOICES[i]: c["image_auroc"] for i, c in enumerate(choices.values())}}
         self.fusion_params.copy_(torch.tensor([choice["weight"], *choice["affine"]]))
         self.selection = {"fusion": {**choice, "n_trained": n_trained}}
         self.stage_seconds["fusion"] = time.perf_counter() - t0
@@ -324,14 +295,18 @@ class ClsCnf(Detector):
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> Prediction:
         maps = self.part_maps(images)
-        joint = self.fuse(maps["cnf_imagenet" if self.fuse_imagenet else "cnf"], maps["classifier"])
+        pick, both = int(self.cnf_choice), [maps["cnf"], maps.get("cnf_imagenet")]
+        cnf = both[pick] if pick < 2 else standardised_sum(both, self.ensemble_affine.tolist())
+        joint = self.fuse(cnf, maps["classifier"])
         parts = {name: (m.flatten(1).max(1).values, m) for name, m in maps.items()}
         return Prediction(score=joint.flatten(1).max(1).values, anomaly_map=joint, parts=parts)
 
     def protocol(self) -> dict[str, str]:
         cfg, (w, a, b, c, d) = self.config, self.fusion_params.tolist()
         sources = ", ".join(f"{k} {v}" for k, v in self.source_counts.items())
-        name = "CNF (ImageNet features)" if self.fuse_imagenet else "CNF"
+        m1, s1, m2, s2 = self.ensemble_affine.tolist()
+        name = ("CNF", "CNF (ImageNet features)", f"[(CNF - {m1:.4g}) / {s1:.4g} + (CNF (ImageNet features) - "
+                f"{m2:.4g}) / {s2:.4g}]")[int(self.cnf_choice)]
         cnf, cls = (name, "classifier") if (a, b, c, d) == (0, 1, 0, 1) else \
             (f"({name} - {a:.4g}) / {b:.4g}", f"(classifier - {c:.4g}) / {d:.4g}")
         how = "chosen on held-out training images" if cfg.fusion == "validation" else "fixed"

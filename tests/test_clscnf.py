@@ -19,9 +19,9 @@ from adbench.datasets.synthetic import generate
 from adbench.defects import DefectSynthesizer
 from adbench.errors import ConfigError
 from adbench.features import FeatureStore, create_extractor
-from adbench.models import create_model, resolve_config
-from adbench.models.clscnf import W_FE, ClsCnfConfig, Decoder
-from adbench.validation import FUSION_SCALINGS, choose_fusion, held_out_rows, synthetic_set
+from adbench.models import clscnf, create_model, resolve_config
+from adbench.models.clscnf import CNF_CHOICES, W_FE, ClsCnfConfig, Decoder
+from adbench.validation import FUSION_SCALINGS, choose_fusion, held_out_fusion, held_out_rows, synthetic_set
 
 SIZE = 64
 
@@ -219,11 +219,16 @@ def test_fusion_arithmetic_and_parts(images):
     assert torch.allclose(heavy.predict(test).anomaly_map, (cnf_map - 0.5) / 2 + 3.0 * (cls_map - 0.1) / 4, atol=1e-5)
     base = model.baseline.predict(test)  # the ImageNet-feature CNFs alone, through CFLOW's own predict
     assert torch.allclose(pred.parts["cnf_imagenet"][1], base.anomaly_map, atol=1e-5)
-    heavy.fuse_imagenet.fill_(True)  # chosen on the held-out images: the ImageNet-feature CNF joins the classifier
+    heavy.cnf_choice.fill_(1)  # chosen on the held-out images: the ImageNet-feature CNF joins the classifier
     imagenet_map = pred.parts["cnf_imagenet"][1]
     assert torch.allclose(heavy.predict(test).anomaly_map, (imagenet_map - 0.5) / 2 + 3.0 * (cls_map - 0.1) / 4,
                           atol=1e-5)
-    assert "CNF (ImageNet features)" in heavy.protocol()["fusion"]
+    assert "= (CNF (ImageNet features) - 0.5) / 2 +" in heavy.protocol()["fusion"]
+    heavy.cnf_choice.fill_(2)  # both CNFs, each standardised, then the fusion's own affine
+    heavy.ensemble_affine.copy_(torch.tensor([0.2, 3.0, 0.4, 5.0]))
+    both = (cnf_map - 0.2) / 3 + (imagenet_map - 0.4) / 5
+    assert torch.allclose(heavy.predict(test).anomaly_map, (both - 0.5) / 2 + 3.0 * (cls_map - 0.1) / 4, atol=1e-5)
+    assert "(CNF - 0.2) / 3 + (CNF (ImageNet features) - 0.4) / 5" in heavy.protocol()["fusion"]
     assert "procedural textures replace DTD" in model.protocol()["synthetic_defects"]
 
 
@@ -242,7 +247,7 @@ def test_cli_run_on_the_synthetic_default(tmp_path):
     assert set(r["timing"]["fit_stages_s"]) == {"classifier_frozen", "classifier_finetune", "cnf_features", "cnf",
                                                 "cnf_imagenet", "fusion"}
     assert list(r["loss_history"]) == ["classifier_frozen", "classifier_finetune", "cnf", "cnf_imagenet"]
-    assert r["selection"]["fusion"]["cnf"] in ("finetuned", "imagenet")
+    assert r["selection"]["fusion"]["cnf"] in CNF_CHOICES and r["config"]["cnf_ensemble"]
     assert all(len(v) == 1 for v in r["loss_history"].values())
     assert "procedural" in r["protocol"]["synthetic_defects"]
     # the fusion weight: chosen on held-out training images, every candidate's held-out AUROC and each part's recorded
@@ -257,8 +262,8 @@ def test_cli_run_on_the_synthetic_default(tmp_path):
     assert fusion["image_auroc"] == fusion["candidates"][fusion["scaling"]][f"{fusion['weight']:g}"]
     assert fusion["image_auroc"] >= fusion["best_image_auroc"] - fusion["tie_margin"] - 1e-12
     assert fusion["best_image_auroc"] == max(v for c in fusion["candidates"].values() for v in c.values())
-    fused_cnf = "cnf" if fusion["cnf"] == "finetuned" else "cnf_imagenet"  # w = 0: that CNF alone
-    assert set(fusion["alone"]) == {"cnf", "classifier", "cnf_imagenet"}
+    fused_cnf = ("cnf", "cnf_imagenet", "cnf+cnf_imagenet")[CNF_CHOICES.index(fusion["cnf"])]  # w = 0: it alone
+    assert set(fusion["alone"]) == {"cnf", "classifier", "cnf_imagenet", "cnf+cnf_imagenet"}
     assert fusion["alone"][fused_cnf] == fusion["candidates"]["raw"]["0"]
     assert f"+ {fusion['weight']:g} x" in r["protocol"]["fusion"] and "held-out" in r["protocol"]["fusion"]
 
@@ -336,10 +341,49 @@ def test_held_out_images_are_never_trained_on(images, monkeypatch):
     assert seen["baseline"][0].tensors[0].flatten().long().tolist() == keep.tolist()
     fusion = model.selection["fusion"]
     assert (fusion["n_trained"], fusion["n_held_out"]) == (len(keep), len(held))
-    assert set(fusion["alone"]) == {"cnf", "classifier", "cnf_imagenet"}  # the ImageNet-feature CNF, same set
-    assert fusion["cnf"] == ("imagenet" if model.fuse_imagenet else "finetuned")  # the higher held-out AUROC
-    assert fusion["image_auroc"] == max(fusion["cnf_image_auroc"].values())
+    assert set(fusion["alone"]) == {"cnf", "classifier", "cnf_imagenet", "cnf+cnf_imagenet"}  # the same set
+    ft, im = fusion["cnf_image_auroc"]["finetuned"], fusion["cnf_image_auroc"]["imagenet"]
+    assert fusion["cnf"] == ("both" if abs(ft - im) <= fusion["tie_margin_cnf"] else "imagenet" if im > ft
+                             else "finetuned") == CNF_CHOICES[int(model.cnf_choice)]
+    assert fusion["image_auroc"] == fusion["cnf_image_auroc"][fusion["cnf"]]
 
+
+@pytest.mark.parametrize(("ft", "im", "ensemble", "pick"), [(0.90, 0.95, True, "imagenet"), (0.95, 0.90, True,
+                         "finetuned"), (0.95, 0.95, False, "finetuned"), (0.95, 0.949, True, "both"),
+                         (0.95, 0.949, False, "finetuned"), (0.949, 0.95, False, "imagenet")])
+def test_two_cnfs_that_tie_on_the_held_out_images_are_both_fused(images, monkeypatch, ft, im, ensemble, pick):
+    """The CNF part: the higher held-out choice, or with ``cnf_ensemble`` both CNFs' standardised sum when the two
+    tie within one standard error (about 0.017 of AUROC at 0.95 on 100 + 100 images)."""
+    model = tiny(baseline_cnf=True, cnf_ensemble=ensemble)
+
+    def fake(part_maps, held, bases, extra, *args, **kwargs):
+        assert extra == "classifier" and bases == ["cnf", "cnf_imagenet", *[("cnf", "cnf_imagenet")][:ensemble]]
+        out = {name: {"image_auroc": auroc, "weight": 0.5, "affine": [0.0, 1.0, 0.0, 1.0], "alone": {name: auroc},
+                      "n_defective": 100, "n_held_out": 100} for name, auroc in (("cnf", ft), ("cnf_imagenet", im))}
+        if ensemble:
+            out["cnf+cnf_imagenet"] = {**out["cnf"], "image_auroc": 0.96, "sum_affine": [1.0, 2.0, 3.0, 4.0]}
+        return out
+
+    monkeypatch.setattr(clscnf, "held_out_fusion", fake)
+    model.select_fusion(images[:2], 10)
+    assert model.selection["fusion"]["cnf"] == CNF_CHOICES[int(model.cnf_choice)] == pick
+    assert model.ensemble_affine.tolist() == ([1.0, 2.0, 3.0, 4.0] if pick == "both" else [0.0, 1.0, 0.0, 1.0])
+
+
+
+def test_held_out_fusion_sums_standardised_maps(images):
+    def part_maps(batch):
+        x = batch.float().mean(1)
+        return {"a": x, "b": 10 * x.flip(-1) + 3, "c": x.pow(2)}
+
+    out = held_out_fusion(part_maps, images[:6], ["a", ("a", "b")], "c", (0.0, 1.0), tie_se=0, batch_size=4)
+    data = synthetic_set(images[:6])
+    normal, maps = torch.from_numpy(data["label"] == 0), part_maps(data["image"])
+    stats = [v for m in (maps["a"], maps["b"]) for v in (float(m[normal].mean()), float(m[normal].std()))]
+    assert set(out) == {"a", "a+b"} and "sum_affine" not in out["a"]
+    assert out["a+b"]["sum_affine"] == pytest.approx(stats, rel=1e-5)
+    both = (maps["a"] - stats[0]) / stats[1] + (maps["b"] - stats[2]) / stats[3]
+    assert out["a+b"]["alone"]["a+b"] == pytest.approx(roc_auc_score(data["label"], both.flatten(1).amax(1)))
 
 def test_fusion_weight_is_chosen_from_the_grid_deterministically(images):
     grid = (0.0, 0.5, 4.0)
