@@ -184,7 +184,7 @@ def selection_table(frame: pd.DataFrame) -> pd.DataFrame:
             auroc = sel.get("image_auroc")
             rows.append({"dataset": r.dataset, "detector": r.column, "category": r.category, "seed": r.seed,
                          "setting": name, "chosen": f"w = {sel.get('weight'):g}, {sel.get('scaling')}"
-                         + (f", {sel['cnf']} CNF" if sel.get("cnf") else ""),
+                         + (f", {sel['cnf']} CNF{'s' * (sel['cnf'] == 'both')}" if sel.get("cnf") else ""),
                          "held-out Img AUROC": "–" if auroc is None else f"{100 * auroc:.1f}",
                          "parts alone (held-out)": alone or "–", "how": sel.get("how", "").split(":")[0]})
     return pd.DataFrame(rows, columns=["dataset", "detector", "category", "seed", "setting", "chosen",
