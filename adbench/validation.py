@@ -174,9 +174,10 @@ def held_out_fusion(part_maps: Callable[[torch.Tensor], dict[str, torch.Tensor]]
     maps = {name: torch.cat(m) for name, m in parts.items()}
     normal, sums = torch.from_numpy(data["label"] == 0), {}
     for names in (b for b in bases if not isinstance(b, str)):
-        sums["+".join(names)] = [v for name in names for v in (float(maps[name][normal].mean()),
-                                                                 max(float(maps[name][normal].std()), 1e-12))]
-        maps["+".join(names)] = standardised_sum([maps[name] for name in names], sums["+".join(names)])
+        key = "+".join(names)
+        sums[key] = [v for name in names for v in (float(maps[name][normal].mean()),
+                                                   max(float(maps[name][normal].std()), 1e-12))]
+        maps[key] = standardised_sum([maps[name] for name in names], sums[key])
     how = ("validation: Image AUROC of the joint map max on held-out training images, as they are and with one "
            "synthetic defect each (adbench.validation: draw and defects fixed); candidates within tie_margin of the "
            "best tie, and a tie goes to the smallest w in raw units (raw first)")
@@ -189,4 +190,4 @@ def held_out_fusion(part_maps: Callable[[torch.Tensor], dict[str, torch.Tensor]]
 
 def standardised_sum(maps: Sequence[torch.Tensor], affine: Sequence[float]) -> torch.Tensor:
     """sum_k (maps[k] - affine[2k]) / affine[2k + 1]: maps of different units summed with equal say."""
-    return sum(((m - affine[2 * k]) / affine[2 * k + 1] for k, m in enumerate(maps)), torch.zeros(()))
+    return sum((m - affine[2 * k]) / affine[2 * k + 1] for k, m in enumerate(maps))
