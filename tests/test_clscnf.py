@@ -346,6 +346,8 @@ def test_held_out_images_are_never_trained_on(images, monkeypatch):
     assert fusion["cnf"] == ("both" if abs(ft - im) <= fusion["tie_margin_cnf"] else "imagenet" if im > ft
                              else "finetuned") == CNF_CHOICES[int(model.cnf_choice)]
     assert fusion["image_auroc"] == fusion["cnf_image_auroc"][fusion["cnf"]]
+
+
 @pytest.mark.parametrize(("ft", "im", "ensemble", "pick"), [(0.90, 0.95, True, "imagenet"), (0.95, 0.90, True,
                          "finetuned"), (0.95, 0.95, False, "finetuned"), (0.95, 0.949, True, "both"),
                          (0.95, 0.949, False, "finetuned"), (0.949, 0.95, False, "imagenet")])
