@@ -15,7 +15,7 @@ import pandas as pd
 from adbench.errors import AdbenchError
 from adbench.metrics import auroc
 from adbench.published import add_published, load_published, sources
-from adbench.results import latest_runs, load_results, results_frame
+from adbench.results import CODE_MARKS, latest_runs, load_results, results_frame
 from adbench.sweep import load_failures
 
 TITLES = {
@@ -239,6 +239,14 @@ def report_with_figures(results_dir: Path, stem: str | None,
                   "split by `code` (the hash of the detector's source in result.json; `(absent)`: a run from before "
                   f"adbench recorded it): {split}. `adbench sweep GRID --rerun-stale` reruns the cells whose newest "
                   "run was made by other code than the current one (not those of unknown code).")
+    states = frame.code_state.value_counts()
+    if states.get("stale") or states.get("unknown"):
+        marked = [f"`{CODE_MARKS['stale']}`: {states['stale']} run(s) made by detector code other than this "
+                  "checkout's (`code.detector` in result.json), so not necessarily what the code gives now; "
+                  "`adbench sweep GRID --rerun-stale` reruns them"] if states.get("stale") else []
+        marked += [f"`{CODE_MARKS['unknown']}`: {states['unknown']} run(s) made before adbench recorded its code"
+                   ] if states.get("unknown") else []
+        intro += f"\n\nMarked columns hold runs not made by this checkout's detector code: {'; '.join(marked)}."
     parts = [f"# adbench report\n\n{intro}\n"]
     figures: dict[str, bytes] = {}
 

@@ -283,6 +283,8 @@ def results_frame(results: list[dict]) -> pd.DataFrame:
     Runs of different detector code (``code``, ``run_code``) never share a column unnamed: a column whose newest runs
     (``latest_runs``) mix code is split by it, the code named like a setting (``fastflow (code=1a2b3c4d5e6f)``;
     ``code_named`` says so). Older runs do not split a column: a rerun by new code replaces a seed as any rerun does.
+    A column whose newest runs were not made by this checkout's detector code is marked (``CODE_MARKS`` by
+    ``code_state``, also a frame column): ``fastflow (layers=[1, 2, 3]) [stale]``.
     """
     rows = []
     for r, column in zip(results, column_labels(results), strict=True):
@@ -301,7 +303,34 @@ def results_frame(results: list[dict]) -> pd.DataFrame:
     if mixed.any():
         named = column_labels(results, [{"code": code} for code in frame.code])
         frame["column"] = frame.column.where(~mixed, pd.Series(named, index=frame.index))
-    return frame.assign(code_named=mixed)
+    frame = frame.assign(code_named=mixed, code_state=[code_state(r) for r in results])
+    newest = latest_runs(frame)[0]
+    marks = {column: CODE_MARKS[state] for state in CODE_MARKS  # a column's newest runs share their code (above)
+             for column in newest.column[newest.code_state == state]}
+    frame["column"] = [_marked(c, marks[c]) if c in marks else c for c in frame.column]
+    return frame
+
+
+CODE_MARKS = {"stale": "[stale]", "unknown": "[code unknown]"}  # column marks by ``code_state``
+
+
+def code_state(result: dict) -> str:
+    """Whether a run's numbers are what this checkout's detector code gives: ``current`` (its recorded code is the
+    code now, ``runner.detector_code``), ``stale`` (made by other code: ``adbench sweep --rerun-stale`` reruns it),
+    ``unknown`` (made before adbench recorded its code), or ``unregistered`` (no such detector here to compare)."""
+    from adbench.models import MODELS
+    from adbench.runner import detector_code
+
+    code = run_code(result)
+    if result.get("model") not in MODELS:
+        return "unregistered"
+    return "unknown" if code == ABSENT else "current" if code == detector_code(result["model"])[0] else "stale"
+
+
+def _marked(column: str, mark: str) -> str:
+    """``column`` with ``mark`` after its settings (before `` (reference)``, which ``column_order`` sorts by)."""
+    base = column.removesuffix(" (reference)")
+    return f"{base} {mark}{column[len(base):]}"
 
 
 def _rerun_number(run: str) -> int:

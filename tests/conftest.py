@@ -19,6 +19,13 @@ def data_root() -> Path:
     return default_data_root()
 
 
+def code_now(model: str) -> dict:
+    """The ``code`` entry of a result.json made by this checkout's code of ``model`` (a report marks other code)."""
+    from adbench.runner import detector_code
+
+    return {"code": {"adbench": "0.1.0", "detector": detector_code(model)[0]}}
+
+
 def script_module(name: str):
     """The module ``scripts/<name>.py`` (the scripts folder is not a package)."""
     import importlib

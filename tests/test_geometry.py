@@ -21,6 +21,7 @@ from adbench.report import metric_table
 from adbench.results import load_results, results_frame, write_run
 from adbench.runner import RunSpec, cell_key, predict_all
 from adbench.sweep import expand
+from conftest import code_now
 
 FAST = ["--image-size", "64", "--epochs", "1", "--set", "flow_steps=2", "--device", "cpu"]
 
@@ -175,7 +176,7 @@ def test_cell_key_differs_and_sweeps_pass_geometry(tmp_path):
 def test_report_gives_each_geometry_its_own_column(tmp_path):
     m = {"image_auroc": 0.9, "pixel_auroc": 0.8, "image_aupr": 0.7, "pixel_aupr": 0.3, "aupro": 0.6}
     base = {"model": "padim", "dataset": "mtd", "category": "mtd", "seed": 0, "backbone": "tf_efficientnet_lite0",
-            "image_size": 256, "metrics": m, "timing": {"fit_s": 1.0, "test_images_per_s": 5.0}}
+            "image_size": 256, "metrics": m, "timing": {"fit_s": 1.0, "test_images_per_s": 5.0}, **code_now("padim")}
     write_run(tmp_path, "old", {"result.json": json.dumps(base)})  # before the option: squash
     write_run(tmp_path, "squash", {"result.json": json.dumps({**base, "seed": 1, "geometry": "squash"})})
     write_run(tmp_path, "pad", {"result.json": json.dumps({**base, "geometry": "pad",

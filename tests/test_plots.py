@@ -20,6 +20,7 @@ from adbench import metrics as M
 from adbench import plots
 from adbench.cli import app
 from adbench.results import load_results, results_frame, write_run
+from conftest import code_now
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 FAST = ["--image-size", "64", "--epochs", "1", "--set", "flow_steps=2"]
@@ -242,7 +243,7 @@ def test_report_figures_need_output(tmp_path) -> None:
 def fake(model, dataset, category, seed, auroc, speed):
     m = {"image_auroc": auroc, "pixel_auroc": 0.8, "image_aupr": 0.7, "pixel_aupr": None, "aupro": 0.6}
     return {"model": model, "dataset": dataset, "category": category, "seed": seed, "backbone": "resnet18",
-            "image_size": 64, "metrics": m, "timing": {"fit_s": 10.0, "test_images_per_s": speed}}
+            "image_size": 64, "metrics": m, "timing": {"fit_s": 10.0, "test_images_per_s": speed}, **code_now(model)}
 
 
 def test_report_figures_from_many_runs(tmp_path) -> None:

@@ -12,11 +12,14 @@ import pytest
 from adbench.errors import AdbenchError
 from adbench.report import build_report, metric_table
 from adbench.results import load_results, results_frame, write_run
-from conftest import script_module
+from conftest import code_now, script_module
 
 
 def fake(model="fastflow", dataset="mtd", category="mtd", seed=0, auroc: float | None = 0.9,
-         backbone="tf_efficientnet_lite0", speed=5.0, device=None, code: str | None = None, **more):
+         backbone="tf_efficientnet_lite0", speed=5.0, device=None, code: str | None = "current", **more):
+    """A run's result.json; ``code``: its detector-code hash, ``current`` for this checkout's, None: not recorded."""
+    if code == "current":
+        code = code_now(model)["code"]["detector"]
     m = {"image_auroc": auroc, "pixel_auroc": 0.8, "image_aupr": 0.7, "pixel_aupr": 0.3, "aupro": 0.6}
     return {"model": model, "dataset": dataset, "category": category, "seed": seed, "backbone": backbone,
             "image_size": 256, "metrics": m, "timing": {"fit_s": 10.0, "test_images_per_s": speed},
@@ -121,10 +124,9 @@ def test_speeds_from_different_devices_are_never_averaged(tmp_path):
 
 def test_columns_are_named_by_the_settings_that_differ(tmp_path):
     for seed, lr in ((0, 1e-3), (1, 1e-4)):
-        r = {**fake(seed=seed), "model": "clscnf", "config": {"cls_encoder_lr": lr, "epochs": 3}}
+        r = {**fake(model="clscnf", seed=seed), "config": {"cls_encoder_lr": lr, "epochs": 3}}
         write_run(tmp_path, f"clscnf_mtd_s{seed}", {"result.json": json.dumps(r)})
-    write_run(tmp_path, "clscnf_old", {"result.json": json.dumps({**fake(), "model": "clscnf",
-                                                                  "config": {"epochs": 3}})})
+    write_run(tmp_path, "clscnf_old", {"result.json": json.dumps({**fake(model="clscnf"), "config": {"epochs": 3}})})
     put(tmp_path, model="cflow")
     table = metric_table(results_frame(load_results(tmp_path)), "image_auroc")
     assert list(table.columns)[2:] == ["cflow", "clscnf (cls_encoder_lr=(absent))", "clscnf (cls_encoder_lr=0.0001)",
@@ -232,25 +234,52 @@ def test_runs_of_different_detector_code_never_share_a_column_unsaid(tmp_path):
     put(tmp_path, model="cflow", seed=1, code="cccccccccccc")
     text = build_report(tmp_path)
     table = metric_table(results_frame(load_results(tmp_path)), "image_auroc")
-    assert list(table.columns)[2:] == ["cflow", "fastflow (code=aaaaaaaaaaaa)", "fastflow (code=bbbbbbbbbbbb)"]
+    assert list(table.columns)[2:] == ["cflow [stale]", "fastflow (code=aaaaaaaaaaaa) [stale]",
+                                       "fastflow (code=bbbbbbbbbbbb) [stale]"]  # none is this checkout's code
     assert [table.iloc[0][c] for c in table.columns[3:]] == ["90.0", "50.0"]  # not 70.0 ± 28.3
     note = "Runs of one setting made by different detector code are not averaged"
-    assert note in text and "`fastflow (code=aaaaaaaaaaaa)`, `fastflow (code=bbbbbbbbbbbb)`" in text.split("\n## ")[0]
+    intro = text.split("\n## ")[0]
+    assert note in intro and "`fastflow (code=aaaaaaaaaaaa) [stale]`, `fastflow (code=bbbbbbbbbbbb) [stale]`" in intro
+    assert "`[stale]`: 4 run(s) made by detector code other than this checkout's" in intro
     # a run that records no code (made before adbench recorded it) is code "(absent)"; per category, too
     for category, code in (("bottle", None), ("cable", "bbbbbbbbbbbb")):
         put(tmp_path / "m", dataset="mvtec", category=category, code=code)
     table = metric_table(results_frame(load_results(tmp_path / "m")), "image_auroc")
-    assert list(table.columns)[2:] == ["fastflow (code=(absent))", "fastflow (code=bbbbbbbbbbbb)"]
+    assert list(table.columns)[2:] == ["fastflow (code=(absent)) [code unknown]",
+                                       "fastflow (code=bbbbbbbbbbbb) [stale]"]
+
+
+def test_columns_not_made_by_this_checkouts_code_are_marked(tmp_path):
+    """Every table names a column whose newest runs this checkout's detector code did not make; the intro says why."""
+    put(tmp_path, model="cflow")  # this checkout's code: no mark
+    put(tmp_path, model="padim", code="aaaaaaaaaaaa")  # a reference detector: marked before "(reference)"
+    put(tmp_path, model="fastflow", code=None, seed=0)  # made before adbench recorded code
+    put(tmp_path, model="fastflow", code=None, seed=1)
+    old = put(tmp_path, model="aeflow", code="aaaaaaaaaaaa")  # stale, then rerun by this checkout's code: no mark
+    put(tmp_path, model="aeflow")
+    text = build_report(tmp_path)
+    frame = results_frame(load_results(tmp_path))
+    assert frame.set_index("run").code_state.to_dict() == {
+        "cflow_mtd_s0": "current", "padim_mtd_s0": "stale", "fastflow_mtd_s0": "unknown", "fastflow_mtd_s1": "unknown",
+        old.name: "stale", old.name + "-1": "current"}
+    columns = ["aeflow", "cflow", "fastflow [code unknown]", "padim [stale] (reference)"]
+    assert list(metric_table(frame, "image_auroc").columns)[2:] == columns
+    assert all(f"| {c} " in text.split("## Summary: mtd")[1].split("\n## ")[0] for c in columns)
+    intro = text.split("\n## ")[0]
+    assert ("`[stale]`: 1 run(s) made by detector code other than this checkout's" in intro  # the replaced run: not
+            and "`[code unknown]`: 2 run(s) made before adbench recorded its code" in intro)  # counted, not shown
+    put(tmp_path / "now", model="cflow")
+    assert "Marked columns" not in build_report(tmp_path / "now")
 
 
 def test_a_rerun_by_new_code_replaces_the_seed(tmp_path):
     """Every seed rerun by the current code (``adbench sweep --rerun-stale``): one column, the old runs left out."""
     old = [put(tmp_path, seed=seed, code="aaaaaaaaaaaa", auroc=0.5) for seed in (0, 1)]
-    new = [put(tmp_path, seed=seed, code="bbbbbbbbbbbb", auroc=0.9) for seed in (0, 1)]
+    new = [put(tmp_path, seed=seed, auroc=0.9) for seed in (0, 1)]  # this checkout's code
     text = build_report(tmp_path)
     table = metric_table(results_frame(load_results(tmp_path)), "image_auroc")
     assert list(table.columns)[2:] == ["fastflow"] and table.iloc[0].fastflow == "90.0 ± 0.0"
-    assert "different detector code" not in text
+    assert "different detector code" not in text and "Marked columns" not in text
     assert f"- `{old[0].name}` (seed 0), replaced by `{new[0].name}`" in text.split("## Reruns")[1]
 
 
