@@ -42,6 +42,8 @@ PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 HATCHES = ("", "//", "..", "xx", "\\\\", "++", "oo", "--")
 DPI = 100
+BAR_IN = 0.3  # inches per bar or heatmap row of a report figure
+LABEL_CHAR_IN = 0.062  # about the width of one character of an 8-point label, inches
 PANEL_IN = 2.1  # inches per image panel of the map grid
 CURVE_POINTS = 4000  # at most ~this many points per drawn curve (pixel curves have millions)
 OUTLINE = [patheffects.withStroke(linewidth=2.6, foreground="black")]
@@ -69,6 +71,11 @@ def _png(fig: Figure) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI, metadata={"Software": None})
     return buf.getvalue()
+
+
+def _label_inches(labels) -> float:
+    """About the width the longest of ``labels`` takes at 8 points, inches (a report figure grows with it)."""
+    return 0.6 + LABEL_CHAR_IN * max((len(str(label)) for label in labels), default=0)
 
 
 def _thin(x: np.ndarray, y: np.ndarray, n: int = CURVE_POINTS) -> tuple[np.ndarray, np.ndarray]:
@@ -286,7 +293,8 @@ def run_figures(
 
 
 def metric_bars(summary: pd.DataFrame, ylabel: str) -> bytes:
-    """Grouped bars: one group per dataset, one bar per detector column, seed standard deviation as error bars.
+    """Horizontal bars: one panel per dataset, one bar per detector column with its full label beside it, the seed
+    standard deviation as error bars and the value written after each bar.
 
     Args:
         summary: rows with ``dataset``, ``column`` (detector label), ``model``, ``mean`` and ``std`` (in %; std NaN
@@ -295,48 +303,47 @@ def metric_bars(summary: pd.DataFrame, ylabel: str) -> bytes:
     """
     datasets = sorted(summary.dataset.unique())
     columns = sorted(summary.column.unique())
-    width = 0.8 / max(len(columns), 1)
-    fig = Figure(figsize=(max(4.8, 1.2 + len(datasets) * (0.9 + 0.45 * len(columns))), 4.4), layout="constrained")
-    ax = fig.subplots()
-    for j, col in enumerate(columns):
-        rows = summary[summary.column == col].set_index("dataset").reindex(datasets)
-        model = rows.model.dropna().iloc[0] if rows.model.notna().any() else col
-        style = detector_style(str(model))
-        x = np.arange(len(datasets)) + (j - (len(columns) - 1) / 2) * width
-        height = rows["mean"].to_numpy(dtype=float)
-        err = rows["std"].to_numpy(dtype=float)
-        n = rows["n"].fillna(0).to_numpy(dtype=int)
-        ax.bar(x, np.nan_to_num(height), width * 0.92, color=style["color"], hatch=style["hatch"],
-           edgecolor="black", linewidth=0.6, label=col)
-        spread = np.isfinite(err) & np.isfinite(height)  # error bars only where there are several seeds
-        if spread.any():
-            ax.errorbar(x[spread], height[spread], yerr=err[spread], fmt="none", ecolor="black", capsize=3, lw=1)
-        tops = np.where(spread, np.nan_to_num(height) + np.nan_to_num(err), np.nan_to_num(height))
-        for xi, top, h, e, ni in zip(x, tops, height, err, n, strict=True):
-            text = "–" if not math.isfinite(h) else f"{h:.1f}" + (f"\n±{e:.1f}, {ni} seeds" if math.isfinite(e)
-                                                                   else "")
-            ax.annotate(text, (xi, top), textcoords="offset points", xytext=(0, 2), ha="center", va="bottom",
-                        fontsize=8)
-    ax.set_xticks(np.arange(len(datasets)), datasets)
-    ax.set_xlabel("dataset (mean over its categories)")
-    ax.set_ylabel(ylabel)
-    ax.set_ylim(0, 112)
-    ax.set_yticks(np.arange(0, 101, 20))
-    ax.grid(axis="y", alpha=0.3)
-    fig.legend(fontsize=8, loc="outside lower center", ncols=min(len(columns), 3), frameon=False)
-    ax.set_title(f"{ylabel.split(' (')[0]} per dataset\nmean over seeds, error bar = std over seeds", fontsize=10)
+    models = summary.groupby("column").model.first()
+    fig = Figure(figsize=(_label_inches(columns) + 3.4 * len(datasets), max(2.6, 1.4 + BAR_IN * len(columns))),
+                 layout="constrained")
+    axes = fig.subplots(1, len(datasets), squeeze=False, sharey=True)[0]
+    for ax, dataset in zip(axes, datasets, strict=True):
+        rows = summary[summary.dataset == dataset].set_index("column").reindex(columns)
+        for j, (column, row) in enumerate(rows.iterrows()):
+            style = detector_style(str(models[column]))
+            mean, std, n = float(row["mean"]), float(row["std"]), int(np.nan_to_num(row["n"]))
+            ax.barh(j, np.nan_to_num(mean), 0.8, color=style["color"], hatch=style["hatch"], edgecolor="black",
+                    linewidth=0.6)
+            spread = math.isfinite(std) and math.isfinite(mean)  # error bars only where there are several seeds
+            if spread:
+                ax.errorbar(mean, j, xerr=std, fmt="none", ecolor="black", capsize=2, lw=1)
+            text = "–" if not math.isfinite(mean) else \
+                f"{mean:.1f}" + (f" ± {std:.1f}" if spread else "") + f" ({n} seed{'s' * (n != 1)})"
+            ax.annotate(text, (np.nan_to_num(mean) + (std if spread else 0.0), j), textcoords="offset points",
+                        xytext=(3, 0), ha="left", va="center", fontsize=8)
+        ax.set_xlim(0, 140)  # room for the values written after the bars
+        ax.set_xticks(np.arange(0, 101, 20))
+        ax.grid(axis="x", alpha=0.3)
+        ax.set_xlabel(ylabel)
+        ax.set_title(f"{dataset} (mean over its categories)", fontsize=10)
+    axes[0].set_yticks(np.arange(len(columns)), columns, fontsize=8)
+    axes[0].invert_yaxis()  # the first column on top (the panels share the axis)
+    fig.suptitle(f"{ylabel.split(' (')[0]} per dataset: mean over seeds, error bar = std over seeds", fontsize=10)
     return _png(fig)
 
 
 def speed_scatter(summary: pd.DataFrame) -> bytes:
-    """Test images/s against Image AUROC, one point per detector column, one panel per dataset.
+    """Test images/s against Image AUROC, one numbered point per detector column, one panel per dataset, and the
+    numbers' key below (labels beside the points would overlap).
 
     Args:
         summary: rows with ``dataset``, ``column``, ``model``, ``speed`` / ``speed_std`` (test images/s) and
             ``auroc`` / ``auroc_std`` (Image AUROC in %); std NaN for a single seed.
     """
     datasets = sorted(summary.dataset.unique())
-    fig = Figure(figsize=(5.4 * len(datasets), 4.6), layout="constrained")
+    number = {column: i + 1 for i, column in enumerate(sorted(summary.column.unique()))}
+    key_in = 0.3 + 0.17 * len(number)  # one line per detector
+    fig = Figure(figsize=(max(5.4 * len(datasets), _label_inches(number) + 0.4), 4.2 + key_in), layout="constrained")
     axes = fig.subplots(1, len(datasets), squeeze=False)[0]
     handles = {}
     for ax, dataset in zip(axes, datasets, strict=True):
@@ -346,36 +353,40 @@ def speed_scatter(summary: pd.DataFrame) -> bytes:
             xerr = row.speed_std if math.isfinite(row.speed_std) else None
             yerr = row.auroc_std if math.isfinite(row.auroc_std) else None
             h = ax.errorbar(row.speed, row.auroc, xerr=xerr, yerr=yerr, fmt=style["marker"], color=style["color"],
-                            markersize=9, markeredgecolor="black", capsize=3, label=row.column)
+                            markersize=9, markeredgecolor="black", capsize=3)
             handles.setdefault(row.column, h)
-            ax.annotate(row.column, (row.speed, row.auroc), textcoords="offset points", xytext=(7, 5), fontsize=8)
+            ax.annotate(str(number[row.column]), (row.speed, row.auroc), textcoords="offset points", xytext=(6, 4),
+                        fontsize=8)
         speeds = part.speed.to_numpy(dtype=float)
         aurocs = part.auroc.to_numpy(dtype=float)
         if np.isfinite(speeds).any():
-            ax.set_xlim(0, np.nanmax(speeds) * 1.35)
+            ax.set_xlim(0, np.nanmax(speeds) * 1.2)
         lo = np.nanmin(aurocs) if np.isfinite(aurocs).any() else 50.0
         ax.set_ylim(max(0.0, min(50.0, lo - 5)), 100)
         ax.grid(alpha=0.3)
         ax.set_xlabel("test images per second (higher = faster)")
         ax.set_ylabel("Image AUROC (%)")
         ax.set_title(f"{dataset}: accuracy vs speed (better: up and right)", fontsize=10)
-    fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncols=min(len(handles), 4),
+    keys = sorted(handles, key=number.get)
+    fig.legend([handles[k] for k in keys], [f"{number[k]}  {k}" for k in keys], loc="outside lower left", ncols=1,
                fontsize=8, frameon=False)
     return _png(fig)
 
 
 def category_heatmap(table: pd.DataFrame, label: str = "Image AUROC (%)") -> bytes:
-    """Heatmap of a metric per (dataset, category) row and detector column, values printed in the cells.
+    """Heatmap of a metric per detector row and (dataset, category) column, values printed in the cells.
 
     Args:
         table: index = ``dataset/category`` labels, columns = detector labels, values in % (NaN = not run).
         label: the metric and its unit (colour bar label).
 
-    The colour scale is fixed at 50 (chance) to 100 so heatmaps of different reports compare; viridis prints in grey.
+    Detectors are the rows, so their long labels read across. The colour scale is fixed at 50 (chance) to 100 so
+    heatmaps of different reports compare; viridis prints in grey.
     """
-    values = table.to_numpy(dtype=float)
+    values = table.to_numpy(dtype=float).T
     n_rows, n_cols = values.shape
-    fig = Figure(figsize=(max(4.8, 2.4 + 1.5 * n_cols), max(2.8, 1.6 + 0.42 * n_rows)), layout="constrained")
+    fig = Figure(figsize=(max(4.8, _label_inches(table.columns) + 2.2 + 0.75 * n_cols),
+                          max(2.8, 1.8 + BAR_IN * n_rows)), layout="constrained")
     ax = fig.subplots()
     cmap = matplotlib.colormaps[MAP_CMAP].with_extremes(bad="0.85")
     im = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=50, vmax=100, aspect="auto")
@@ -386,11 +397,11 @@ def category_heatmap(table: pd.DataFrame, label: str = "Image AUROC (%)") -> byt
             ax.text(c, r, f"{v:.1f}", ha="center", va="center", fontsize=8, color="black" if dark_text else "white")
         else:
             ax.text(c, r, "–", ha="center", va="center", fontsize=8)
-    ax.set_xticks(np.arange(n_cols), list(table.columns), rotation=20 if n_cols > 2 else 0, ha="right"
-                  if n_cols > 2 else "center", fontsize=8)
-    ax.set_yticks(np.arange(n_rows), list(table.index), fontsize=8)
-    ax.set_xlabel("detector")
-    ax.set_ylabel("dataset / category")
+    tilted = n_cols > 3
+    ax.set_xticks(np.arange(n_cols), list(table.index), rotation=30 if tilted else 0, ha="right" if tilted
+                  else "center", fontsize=8)
+    ax.set_yticks(np.arange(n_rows), list(table.columns), fontsize=8)
+    ax.set_xlabel("dataset / category")
     fig.colorbar(im, ax=ax, extend="min", label=label)
     ax.set_title(f"{label.removesuffix(' (%)')} per category (mean over seeds)", fontsize=10)
     return _png(fig)

@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pandas as pd
 import pytest
 from sklearn.metrics import roc_curve as sk_roc_curve
 from typer.testing import CliRunner
@@ -277,3 +278,21 @@ def test_report_figures_from_many_runs(tmp_path) -> None:
 def test_cli_import_does_not_load_matplotlib() -> None:
     code = "import sys, adbench.cli; sys.exit('matplotlib' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
+
+
+def test_report_figures_fit_many_long_detector_labels() -> None:
+    """21 detector columns with labels of 100+ characters (results/sweep_mtd.md has them): each figure still lays out
+    (matplotlib warns "constrained_layout not applied" when the labels squeeze the axes to nothing)."""
+    import warnings
+
+    columns = [f"clscnf (baseline_cnf=true, bn_stats=population, cnf_ensemble=false, position_norm=none, n={i}) "
+               "[stale]" for i in range(21)]
+    summary = pd.DataFrame({"dataset": "mtd", "column": columns, "model": "clscnf", "mean": 80.0, "std": 1.0, "n": 3,
+                            "speed": 20.0, "speed_std": 1.0, "auroc": 80.0, "auroc_std": 1.0})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        bars = plots.metric_bars(summary, "Image AUROC (%)")
+        scatter = plots.speed_scatter(summary)
+        heat = plots.category_heatmap(pd.DataFrame([[80.0] * 21], index=["mtd/mtd"], columns=columns))
+    assert not [str(w.message) for w in caught if "constrained_layout" in str(w.message)]
+    assert all(png_size(png)[1] >= 21 * 15 for png in (bars, scatter, heat))  # a line of height per detector
