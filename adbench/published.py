@@ -61,7 +61,7 @@ def add_published(table: pd.DataFrame, metric: str, published: pd.DataFrame) -> 
     for model in sorted(set(pub.model)):
         paper = [lookup.get((model, d, c)) for d, c in zip(out.dataset, out.category, strict=True)]
         out[f"{model} (paper)"] = ["–" if v is None else f"{v:.1f}" for v in paper]
-        for column in (c for c in ours if c.split(" (")[0] == model):
+        for column in (c for c in ours if c.split(" ")[0] == model):  # "cflow", "cflow [stale]", "cflow (x=1)"
             deltas = []
             for cell, ref in zip(out[column], paper, strict=True):
                 value = _number(cell)

@@ -237,16 +237,8 @@ def report_with_figures(results_dir: Path, stem: str | None,
         split = ", ".join(f"`{c}`" for c in column_order(frame[frame.code_named]))
         intro += ("\n\nRuns of one setting made by different detector code are not averaged: their columns are "
                   "split by `code` (the hash of the detector's source in result.json; `(absent)`: a run from before "
-                  f"adbench recorded it): {split}. `adbench sweep GRID --rerun-stale` reruns the cells whose newest "
-                  "run was made by other code than the current one (not those of unknown code).")
-    states = frame.code_state.value_counts()
-    if states.get("stale") or states.get("unknown"):
-        marked = [f"`{CODE_MARKS['stale']}`: {states['stale']} run(s) made by detector code other than this "
-                  "checkout's (`code.detector` in result.json), so not necessarily what the code gives now; "
-                  "`adbench sweep GRID --rerun-stale` reruns them"] if states.get("stale") else []
-        marked += [f"`{CODE_MARKS['unknown']}`: {states['unknown']} run(s) made before adbench recorded its code"
-                   ] if states.get("unknown") else []
-        intro += f"\n\nMarked columns hold runs not made by this checkout's detector code: {'; '.join(marked)}."
+                  f"adbench recorded it): {split}.")
+    intro += _code_marks(frame)
     parts = [f"# adbench report\n\n{intro}\n"]
     figures: dict[str, bytes] = {}
 
@@ -316,6 +308,24 @@ def report_with_figures(results_dir: Path, stem: str | None,
         parts.append(f"## Failed cells\n\n{len(failures)} cell(s) failed and have no result "
                      f"(records in `{Path(results_dir) / 'failures'}`):\n\n{lines}\n")
     return "\n".join(parts), figures
+
+
+def _code_marks(frame: pd.DataFrame) -> str:
+    """The report's paragraph on the columns marked by ``CODE_MARKS`` (newest runs ``frame``), or ""."""
+    from adbench.runner import detector_code
+
+    states = frame.code_state.value_counts()
+    if not (states.get("stale") or states.get("unknown")):
+        return ""
+    models = sorted(frame[frame.code_state.isin(["stale", "unknown"])].model.unique())
+    lines = [f"- `{CODE_MARKS['stale']}`: {states['stale']} run(s) made by other detector code (`code.detector` in "
+             "result.json), so not necessarily what the code gives now; `adbench sweep GRID --rerun-stale`, with the "
+             "grid that made them, reruns them."] if states.get("stale") else []
+    lines += [f"- `{CODE_MARKS['unknown']}`: {states['unknown']} run(s) made before adbench recorded the detector's "
+              "code."] if states.get("unknown") else []
+    now = ", ".join(f"{m} `{detector_code(m)[0]}`" for m in models)
+    return ("\n\nMarked columns hold runs that the detector code of the checkout writing this report did not make "
+            f"(its code: {now}):\n\n" + "\n".join(lines))
 
 
 def plots():

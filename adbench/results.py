@@ -284,7 +284,7 @@ def results_frame(results: list[dict]) -> pd.DataFrame:
     (``latest_runs``) mix code is split by it, the code named like a setting (``fastflow (code=1a2b3c4d5e6f)``;
     ``code_named`` says so). Older runs do not split a column: a rerun by new code replaces a seed as any rerun does.
     A column whose newest runs were not made by this checkout's detector code is marked (``CODE_MARKS`` by
-    ``code_state``, also a frame column): ``fastflow (layers=[1, 2, 3]) [stale]``.
+    ``run_code_state``, also a frame column ``code_state``): ``fastflow (layers=[1, 2, 3]) [stale]``.
     """
     rows = []
     for r, column in zip(results, column_labels(results), strict=True):
@@ -297,27 +297,28 @@ def results_frame(results: list[dict]) -> pd.DataFrame:
         rows.append(row)
     frame = pd.DataFrame(rows)
     if frame.empty:
-        return frame
+        return frame.assign(code_named=[], code_state=[])
     codes = latest_runs(frame)[0].groupby("column").code.nunique()
     mixed = frame.column.isin(codes[codes > 1].index)
     if mixed.any():
         named = column_labels(results, [{"code": code} for code in frame.code])
         frame["column"] = frame.column.where(~mixed, pd.Series(named, index=frame.index))
-    frame = frame.assign(code_named=mixed, code_state=[code_state(r) for r in results])
+    frame = frame.assign(code_named=mixed, code_state=[run_code_state(r) for r in results])
     newest = latest_runs(frame)[0]
-    marks = {column: CODE_MARKS[state] for state in CODE_MARKS  # a column's newest runs share their code (above)
-             for column in newest.column[newest.code_state == state]}
+    states = newest.groupby("column").code_state.unique()  # one state each: a column's newest runs share their code
+    marks = {column: CODE_MARKS[s[0]] for column, s in states.items() if s[0] in CODE_MARKS}
     frame["column"] = [_marked(c, marks[c]) if c in marks else c for c in frame.column]
     return frame
 
 
-CODE_MARKS = {"stale": "[stale]", "unknown": "[code unknown]"}  # column marks by ``code_state``
+CODE_MARKS = {"stale": "[stale]", "unknown": "[code unknown]"}  # column marks by ``run_code_state``
 
 
-def code_state(result: dict) -> str:
+def run_code_state(result: dict) -> str:
     """Whether a run's numbers are what this checkout's detector code gives: ``current`` (its recorded code is the
     code now, ``runner.detector_code``), ``stale`` (made by other code: ``adbench sweep --rerun-stale`` reruns it),
-    ``unknown`` (made before adbench recorded its code), or ``unregistered`` (no such detector here to compare)."""
+    ``unknown`` (made before adbench recorded the detector's code), or ``unregistered`` (no such detector here to
+    compare with; not marked)."""
     from adbench.models import MODELS
     from adbench.runner import detector_code
 
@@ -325,6 +326,13 @@ def code_state(result: dict) -> str:
     if result.get("model") not in MODELS:
         return "unregistered"
     return "unknown" if code == ABSENT else "current" if code == detector_code(result["model"])[0] else "stale"
+
+
+def unmarked(column: str) -> str:
+    """A report column's label without its ``CODE_MARKS`` (what the label is at any detector code)."""
+    for mark in CODE_MARKS.values():
+        column = column.replace(f" {mark}", "")
+    return column
 
 
 def _marked(column: str, mark: str) -> str:

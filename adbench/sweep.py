@@ -39,6 +39,7 @@ import itertools
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -422,6 +423,9 @@ def _run_submitit(cells: list[Cell], executor: str, slurm: dict[str, Any], on_re
     except ImportError:
         raise ConfigError("the submitit executors need the package submitit (pip install submitit)") from None
     results_dir = Path(cells[0].spec.results_dir)
+    if executor == "slurm" and shutil.which("srun") is None:  # submitit's own check, as one line
+        raise AdbenchError(f"slurm: no Slurm here (srun is not on PATH); nothing was submitted: run the sweep on a "
+                           f"Slurm login node, or with --executor local or submitit-local ({len(cells)} cells)")
     ex = submitit.AutoExecutor(folder=results_dir / "logs" / "%j", cluster="local" if executor == "submitit-local"
                                else "slurm")
     params = {"timeout_min": slurm["time_min"], "cpus_per_task": slurm["cpus"], "mem_gb": slurm["mem_gb"],

@@ -56,6 +56,11 @@ def current_rows(table: str, detectors: set[str]) -> str:
     return "".join(lines[:2] + [ln for ln in lines[2:] if ln.split("|")[1].strip() in detectors])
 
 
+def missing_rows(table: str, detectors: set[str]) -> list[str]:
+    """The ``detectors`` without a row in the markdown ``table``, sorted."""
+    return sorted(detectors - {ln.split("|")[1].strip() for ln in table.splitlines()[2:]})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="write nothing; exit 1 if a copy differs")
@@ -69,6 +74,10 @@ def main() -> None:
     except AdbenchError as err:
         sys.exit(f"error: {err}")
     summary = current_rows(section_table(report, "Summary: mtd"), current)
+    missing = missing_rows(summary, current)
+    if missing:  # the report was written before the runs or the detector code changed: its labels differ
+        sys.exit(f"error: results/sweep_mtd.md has no row {missing[0]!r}; regenerate it first: adbench report "
+                 "--results-dir results/sweep_mtd --output results/sweep_mtd.md --figures")
     updates = {readme: replace_first_table(readme.read_text(), summary, after="<!-- results:mtd:begin"),
                ablations: replace_first_table(ablations.read_text(), section_table(report, "Parts scored alone (%)"))}
     stale = [path.relative_to(REPO).as_posix() for path, text in updates.items() if path.read_text() != text]

@@ -11,7 +11,7 @@ import pytest
 
 from adbench.errors import AdbenchError
 from adbench.report import build_report, metric_table
-from adbench.results import load_results, results_frame, write_run
+from adbench.results import load_results, results_frame, unmarked, write_run
 from conftest import code_now, script_module
 
 
@@ -240,7 +240,7 @@ def test_runs_of_different_detector_code_never_share_a_column_unsaid(tmp_path):
     note = "Runs of one setting made by different detector code are not averaged"
     intro = text.split("\n## ")[0]
     assert note in intro and "`fastflow (code=aaaaaaaaaaaa) [stale]`, `fastflow (code=bbbbbbbbbbbb) [stale]`" in intro
-    assert "`[stale]`: 4 run(s) made by detector code other than this checkout's" in intro
+    assert "`[stale]`: 4 run(s) made by other detector code" in intro
     # a run that records no code (made before adbench recorded it) is code "(absent)"; per category, too
     for category, code in (("bottle", None), ("cable", "bbbbbbbbbbbb")):
         put(tmp_path / "m", dataset="mvtec", category=category, code=code)
@@ -266,10 +266,22 @@ def test_columns_not_made_by_this_checkouts_code_are_marked(tmp_path):
     assert list(metric_table(frame, "image_auroc").columns)[2:] == columns
     assert all(f"| {c} " in text.split("## Summary: mtd")[1].split("\n## ")[0] for c in columns)
     intro = text.split("\n## ")[0]
-    assert ("`[stale]`: 1 run(s) made by detector code other than this checkout's" in intro  # the replaced run: not
-            and "`[code unknown]`: 2 run(s) made before adbench recorded its code" in intro)  # counted, not shown
+    assert ("`[stale]`: 1 run(s) made by other detector code" in intro  # the replaced run: not counted
+            and "`[code unknown]`: 2 run(s) made before adbench recorded the detector's code" in intro)
+    assert f"(its code: fastflow `{code_now('fastflow')['code']['detector']}`, padim `" in intro
     put(tmp_path / "now", model="cflow")
+    put(tmp_path / "now", model="mystery", code="aaaaaaaaaaaa")  # no such detector here: nothing to compare with
+    frame = results_frame(load_results(tmp_path / "now"))
+    assert list(frame.code_state) == ["current", "unregistered"]
     assert "Marked columns" not in build_report(tmp_path / "now")
+
+
+def test_a_code_split_marks_only_the_half_of_other_code(tmp_path):
+    put(tmp_path, seed=0, code="aaaaaaaaaaaa")
+    put(tmp_path, seed=1)  # this checkout's code
+    table = metric_table(results_frame(load_results(tmp_path)), "image_auroc")
+    assert set(table.columns[2:]) == {"fastflow (code=aaaaaaaaaaaa) [stale]",
+                                      f"fastflow (code={code_now('fastflow')['code']['detector']})"}
 
 
 def test_a_rerun_by_new_code_replaces_the_seed(tmp_path):
@@ -305,6 +317,16 @@ def test_committed_mtd_report_is_what_its_command_writes(mtd_report):
         "results/sweep_mtd --output results/sweep_mtd.md --figures"
 
 
+@pytest.mark.parametrize("runs, report", [("sweep_mtd_validation", "sweep_mtd_validation.md"),
+                                          ("sweep_mtd_ablation", "ablation_mtd.md"),
+                                          ("sweep_mtd_aeflow", "sweep_mtd_aeflow.md")])
+def test_other_committed_reports_are_what_their_commands_write(monkeypatch, runs, report):
+    """Their marks of other detector code included: a detector edit is seen in every committed report."""
+    monkeypatch.chdir(REPO)
+    assert (REPO / "results" / report).read_text() == build_report(Path("results") / runs), \
+        f"regenerate: adbench report --results-dir results/{runs} --output results/{report}"
+
+
 def test_readme_mtd_table_is_the_reports_summary_at_the_readmes_commands(mtd_report, real_data_root, monkeypatch):
     """The README's MTD table: the report's summary rows of the runs its `adbench sweep` commands stand on (the
     newest run of each of their grids' cells), every other row left to results/sweep_mtd.md."""
@@ -315,7 +337,7 @@ def test_readme_mtd_table_is_the_reports_summary_at_the_readmes_commands(mtd_rep
     block = readme.split("<!-- results:mtd:begin")[1].split("<!-- results:mtd:end -->")[0]
     (summary,) = _tables(mtd_report.split("## Summary: mtd")[1].split("\n## ")[0])
     current = current_detectors(readme, REPO / "results" / "sweep_mtd")
-    assert {"padim (reference)", "patchcore (reference)"} < current
+    assert {"padim (reference)", "patchcore (reference)"} < {unmarked(c) for c in current}
     assert _tables(block) == [current_rows(summary + "\n", current).strip()]
     assert len(_tables(block)[0].splitlines()) == 2 + len(current) < len(summary.splitlines())
 
@@ -335,6 +357,8 @@ def test_current_rows_keep_the_header_and_the_named_detectors():
     current_rows = script_module("sync_tables").current_rows
     table = "| detector | x |\n|:--|:--|\n| a (s=1) | 1 |\n| a (s=2) | 2 |\n| b | 3 |\n"
     assert current_rows(table, {"a (s=2)", "b"}) == "| detector | x |\n|:--|:--|\n| a (s=2) | 2 |\n| b | 3 |\n"
+    # a detector whose label the report does not have (written before its runs or a code change): sync stops
+    assert script_module("sync_tables").missing_rows(table, {"b", "b [stale]", "a (s=2)"}) == ["b [stale]"]
 
 
 def test_ablation_tables_are_the_reports_parts_table(mtd_report):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -205,10 +206,20 @@ def test_a_refused_submission_is_one_error_and_submits_nothing(tmp_path, monkeyp
                                                  "sbatch: fatal: Could not establish a configuration source\n")
 
     monkeypatch.setattr(submitit.AutoExecutor, "map_array", refuse)
+    monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}")  # a login node: srun is there
     cells = expand(load_grid(grid_file(tmp_path)), tmp_path / "res")
     with pytest.raises(AdbenchError, match=rf"^slurm: submitting the 2 cells failed \({why}\); nothing was submitted"):
         run_sweep(cells, executor="slurm", slurm={"cpus": 1, "mem_gb": 4, "time_min": 10})
     assert not list((tmp_path / "res").glob("runs/*/result.json"))
+
+
+def test_slurm_without_slurm_is_one_error_and_submits_nothing(tmp_path, monkeypatch):
+    """A laptop: no srun on PATH (submitit would raise its own RuntimeError): one line saying what to do instead."""
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    cells = expand(load_grid(grid_file(tmp_path)), tmp_path / "res")
+    with pytest.raises(AdbenchError, match=r"^slurm: no Slurm here \(srun is not on PATH\); nothing was submitted"):
+        run_sweep(cells, executor="slurm", slurm={"cpus": 1, "mem_gb": 4, "time_min": 10})
+    assert not (tmp_path / "res" / "logs").exists() and not list((tmp_path / "res").glob("runs/*/result.json"))
 
 
 def test_submitit_local_executor_runs_cells_as_jobs(tmp_path):
