@@ -415,8 +415,8 @@ def test_the_committed_mtd_runs_are_not_stale(monkeypatch):
     states = [line.split("  ")[0] for line in dry.splitlines() if "_mtd_mtd_s" in line]
     flows = [line.split("  ")[0] for line in dry.splitlines() if "_mtd_mtd_s" in line and "padim" not in line
              and "patchcore" not in line]  # the reference rows came later: they record their code
-    assert len(flows) == 10 and set(flows) <= {"done (unknown code)", "done"}, dry  # AE-FLOW, CLS+CNF: 3 seeds
-    assert len(states) == 14 and set(states) <= {"done", "done (unknown code)"}, dry  # nothing to run, none stale
+    assert len(flows) == 12 and set(flows) <= {"done (unknown code)", "done"}, dry  # 4 flows, 3 seeds
+    assert len(states) == 18 and set(states) <= {"done", "done (unknown code)"}, dry  # nothing to run, none stale
     cell = expand(load_grid(Path("grids/mtd.toml")), Path("results/sweep_mtd"), need_data=False)[0]
     runs = [run for run in sweep_module.done_runs(Path("results/sweep_mtd")).values() if "code" not in run]
     assert runs and {sweep_module.code_state(cell, run) for run in runs} == {"unknown"}  # kept, whatever cell.code
