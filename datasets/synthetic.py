@@ -555,7 +555,6 @@ class Synthetic(DatasetFamily):
     def locate(self, data_root: Path, root: Path | None) -> Path:
         return Path("synthetic:")
 
-
     def index(self, category: str, split: str) -> pd.DataFrame:
         rows = [(f"synthetic://{category}/{split}/{defect}/{i:03d}", None, int(defect != "good"), defect)
                 for i, defect in sample_index(category, split)]
