@@ -33,7 +33,7 @@ from adbench.progress import Progress
 from adbench.train import STAGE_TASK
 
 # "One epoch" for detectors with several training stages: one pass of each (besides ``epochs=1``)
-ONE_EPOCH = {"clscnf": {"cls_frozen_epochs": 1, "cls_finetune_epochs": 1}}
+ONE_EPOCH = {"clscnf": {"cls_frozen_epochs": 1, "cls_finetune_epochs": 1, "refit": False}}  # refit: CNFs twice
 
 
 def _sync(device: torch.device) -> None:

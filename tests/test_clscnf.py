@@ -63,7 +63,7 @@ def test_defaults_follow_the_official_code_and_categories():
     schedule = (paper.cls_frozen_epochs, paper.cls_finetune_epochs, paper.epochs, paper.warmup_epochs)
     assert schedule == (850, 150, 200, 16)
     assert (paper.decoder_width, paper.decoder_stride, paper.decoder_blocks) == (128, 1, (3, 6, 4, 3))
-    assert paper.permute_soft and paper.baseline_cnf and paper.cls_lr == 1e-4
+    assert paper.permute_soft and paper.baseline_cnf and paper.cls_lr == 1e-4 and cfg.refit and not paper.refit
     assert (cfg.fusion, cfg.fusion_holdout, cfg.fusion_scalings, cfg.fusion_tie_se) == ("validation", 0.2,
                                                                                       FUSION_SCALINGS, 1.0)
     assert cfg.fusion_grid[0] == 0 and set(W_FE.values()) <= set(cfg.fusion_grid)  # CNF alone and all their w
@@ -167,8 +167,9 @@ def test_stages_freeze_and_train_the_right_parameters(images):
 
     model = tiny(cls_frozen_epochs=1, cls_finetune_epochs=1, baseline_cnf=False)  # features: unused, a dummy
     history = model.fit(FeatureStore([torch.zeros(len(images), 1)]), images=images)
-    assert list(history) == ["classifier_frozen", "classifier_finetune", "cnf"]
-    assert list(model.stage_seconds) == ["classifier_frozen", "classifier_finetune", "cnf_features", "cnf", "fusion"]
+    assert list(history) == ["classifier_frozen", "classifier_finetune", "cnf", "cnf_refit"]
+    assert list(model.stage_seconds) == ["classifier_frozen", "classifier_finetune", "cnf_features", "cnf", "fusion",
+                                         "cnf_features_refit", "cnf_refit"]
     assert not same(params(model.encoder), encoder) and same(params(model.extractor), original)
     assert not any(p.requires_grad for p in model.encoder.parameters())
     assert model.cnf.extractor is model.encoder  # stage 2 runs on the fine-tuned encoder
@@ -245,8 +246,10 @@ def test_cli_run_on_the_synthetic_default(tmp_path):
     assert all(0 <= v <= 1 for m in [r["metrics"], *r["parts"].values()] for v in m.values())
     assert r["config"]["object_mask"] == "bright" and r["config"]["coupling_blocks"] == 2
     assert set(r["timing"]["fit_stages_s"]) == {"classifier_frozen", "classifier_finetune", "cnf_features", "cnf",
-                                                "cnf_imagenet", "fusion"}
-    assert list(r["loss_history"]) == ["classifier_frozen", "classifier_finetune", "cnf", "cnf_imagenet"]
+                                                "cnf_imagenet", "fusion", "cnf_features_refit", "cnf_refit",
+                                                "cnf_imagenet_refit"}
+    assert list(r["loss_history"]) == ["classifier_frozen", "classifier_finetune", "cnf", "cnf_imagenet",
+                                       "cnf_refit", "cnf_imagenet_refit"]
     assert r["selection"]["fusion"]["cnf"] in CNF_CHOICES[:2] and not r["config"]["cnf_ensemble"]
     assert all(len(v) == 1 for v in r["loss_history"].values())
     assert "procedural" in r["protocol"]["synthetic_defects"]
@@ -255,6 +258,7 @@ def test_cli_run_on_the_synthetic_default(tmp_path):
     assert fusion["how"].startswith("validation") and r["config"]["fusion"] == "validation"
     assert fusion["n_held_out"] == round(0.2 * r["n_train"])
     assert fusion["n_trained"] + fusion["n_held_out"] == r["n_train"]
+    assert fusion["refit"] == f"both CNFs retrained on all {r['n_train']} training images" and r["config"]["refit"]
     assert 0 < fusion["n_defective"] <= fusion["n_held_out"]
     grid = [f"{w:g}" for w in r["config"]["fusion_grid"]]
     assert set(fusion["candidates"]) == {"raw", "standardised"} and all(list(c) == grid
@@ -308,37 +312,45 @@ def test_fusion_weight_follows_the_informative_map(seed):
         choose_fusion(cnf, cls, np.zeros(80, int), GRID)
 
 
-def test_held_out_images_are_never_trained_on(images, monkeypatch):
+@pytest.mark.parametrize("refit", [True, False])
+def test_held_out_images_are_never_trained_on(images, monkeypatch, refit):
+    """Both stages train on the kept images and the choice is made on the held-out ones; with ``refit`` fresh CNFs
+    then train on every image (the choice and the classifier stay)."""
     torch.manual_seed(1)
     keep, held = held_out_rows(len(images), 0.2)
     torch.manual_seed(2)
     assert all(np.array_equal(a, b) for a, b in zip((keep, held), held_out_rows(len(images), 0.2), strict=True))
     assert len(held) == 3 and not set(keep) & set(held) and len(keep) + len(held) == len(images)
-    model = tiny(baseline_cnf=True, cnf_ensemble=True)
+    model = tiny(baseline_cnf=True, cnf_ensemble=True, refit=refit)
     seen: dict[str, list] = {}
 
     def spy(name, method):
         def call(*args, **kwargs):
-            seen.setdefault(name, []).append(args[0])
+            seen.setdefault(name, []).append(args[:2])
             return method(*args, **kwargs)
         monkeypatch.setattr(model, name, call)
 
-    for name in ("fit_classifier", "fit_cnf", "select_fusion"):
+    first, chosen = (model.cnf, model.baseline), {}
+
+    def select(held, n, progress=None):  # the choice is made with the first CNFs, and the refit keeps it
+        assert model.cnf is first[0] and model.baseline is first[1]
+        select_fusion(held, n)
+        chosen.update(params=model.fusion_params.clone(), affine=model.ensemble_affine.clone(),
+                      pick=int(model.cnf_choice))
+
+    select_fusion = model.select_fusion
+    monkeypatch.setattr(model, "select_fusion", select)
+    for name in ("fit_classifier", "select_fusion"):
         spy(name, getattr(model, name))
-
-    def baseline_fit(features, progress):
-        seen["baseline"] = [features]
-        return {"cflow": []}
-
-    monkeypatch.setattr(model.baseline, "fit", baseline_fit)
+    spy("fit_cnfs", lambda *args, **kwargs: {"cnf": [], "cnf_imagenet": []})  # untrained CNFs still make maps
     built = []  # the held-out set with its synthetic defects is built once for both CNFs
     monkeypatch.setattr(validation, "synthetic_set", lambda *a, **k: built.append(1) or synthetic_set(*a, **k))
     store = FeatureStore([torch.arange(len(images), dtype=torch.float32).view(-1, 1)])  # row i holds i
-    model.fit(store, images=images)
+    history = model.fit(store, images=images)
     assert len(built) == 1
-    assert torch.equal(seen["fit_classifier"][0], images[keep]) and torch.equal(seen["fit_cnf"][0], images[keep])
-    assert torch.equal(seen["select_fusion"][0], images[held])
-    assert seen["baseline"][0].tensors[0].flatten().long().tolist() == keep.tolist()
+    assert torch.equal(seen["fit_classifier"][0][0], images[keep]) and torch.equal(seen["fit_cnfs"][0][0], images[keep])
+    assert seen["fit_cnfs"][0][1].tensors[0].flatten().long().tolist() == keep.tolist()
+    assert torch.equal(seen["select_fusion"][0][0], images[held])
     fusion = model.selection["fusion"]
     assert (fusion["n_trained"], fusion["n_held_out"]) == (len(keep), len(held))
     assert set(fusion["alone"]) == {"cnf", "classifier", "cnf_imagenet", "cnf+cnf_imagenet"}  # the same set
@@ -346,6 +358,14 @@ def test_held_out_images_are_never_trained_on(images, monkeypatch):
     assert fusion["cnf"] == ("both" if abs(ft - im) <= fusion["tie_margin_cnf"] else "imagenet" if im > ft
                              else "finetuned") == CNF_CHOICES[int(model.cnf_choice)]
     assert fusion["image_auroc"] == fusion["cnf_image_auroc"][fusion["cnf"]]
+    assert len(seen["fit_cnfs"]) == 1 + refit and ("cnf_refit" in history) == refit == ("refit" in fusion)
+    assert (model.cnf is first[0], model.baseline is first[1]) == (not refit, not refit)
+    assert torch.equal(model.fusion_params, chosen["params"]) and torch.equal(model.ensemble_affine, chosen["affine"])
+    assert int(model.cnf_choice) == chosen["pick"]
+    if refit:  # fresh CNFs on every image, the same config; the fine-tuned one on the fine-tuned encoder
+        assert torch.equal(seen["fit_cnfs"][1][0], images) and seen["fit_cnfs"][1][1] is store
+        assert model.cnf.config == first[0].config and model.cnf.extractor is model.encoder
+        assert model.baseline.extractor is model.extractor
 
 
 @pytest.mark.parametrize(("ft", "im", "ensemble", "pick"), [(0.90, 0.95, True, "imagenet"), (0.95, 0.90, True,
