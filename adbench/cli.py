@@ -195,7 +195,8 @@ def report(
 
 @app.command()
 def sweep(
-    grid: Annotated[Path, typer.Argument(help="Grid file (TOML): models, datasets, seeds, [overrides], [model.X].")],
+    grid: Annotated[Path, typer.Argument(  # rich markup: a bare [x] would vanish from the help
+        help=r"Grid file (TOML): models, datasets, seeds, \[overrides], \[model.X], \[vary], \[\[variant]].")],
     results_dir: Annotated[Path, typer.Option(help="Runs go to RESULTS_DIR/runs/.")] = Path("results"),
     executor: Annotated[str, typer.Option(help="local, submitit-local or slurm.")] = "local",
     data_root: Annotated[

@@ -32,6 +32,12 @@ def test_list_commands():
         assert result.exit_code == 0 and set(expected) <= set(out.split())
 
 
+def test_help_keeps_bracketed_words():
+    """rich reads a bare [word] as markup and drops it: the sweep grid's sections must survive in the help."""
+    result, out = invoke(["sweep", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0 and all(s in out for s in ("[overrides]", "[model.X]", "[vary]", "[[variant]]"))
+
+
 def test_run_synthetic_writes_result_and_report(tmp_path):
     result, out = invoke(["run", "--category", "pattern", "--results-dir", str(tmp_path), *FAST])
     assert result.exit_code == 0, out
