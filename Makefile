@@ -38,7 +38,7 @@ bench: install
 
 # The published grid (4 detectors x MVTec AD + BTAD x 3 seeds, paper settings): a GPU job; needs the datasets.
 reproduce: install
-	@echo "make reproduce: every detector at paper settings on MVTec AD + BTAD, 3 seeds (a GPU job; needs mvtec/ and btad/ under ADBENCH_DATA: adbench download mvtec, adbench download btad). Cells: adbench sweep grids/reproduce.toml --dry-run"
+	@echo "make reproduce: the four flow detectors at paper settings on MVTec AD + BTAD, 3 seeds (a GPU job; needs mvtec/ and btad/ under ADBENCH_DATA: adbench download mvtec, adbench download btad). Cells: adbench sweep grids/reproduce.toml --dry-run"
 	$(BIN)/adbench sweep grids/reproduce.toml --results-dir results/reproduce $(SWEEP_ARGS)
 	$(BIN)/adbench report --results-dir results/reproduce --output results/reproduce.md
 

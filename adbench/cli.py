@@ -285,12 +285,13 @@ def list_(what: Annotated[Listable, typer.Argument(help="What to list.")]) -> No
 @app.command()
 def download(
     name: Annotated[str, typer.Argument(help="mvtec, btad or mtd.")],
-    root: Annotated[
-        Path | None, typer.Option(envvar="ADBENCH_DATA", help="Data root (default ~/.cache/adbench/datasets).")
-    ] = None,
+    root: Annotated[Path | None, typer.Option(
+        "--data-root", "--root", envvar="ADBENCH_DATA",  # --root: its first name; run's --data-root means the same
+        help="Data root, as run's --data-root: the data goes to DATA_ROOT/<name> (default ~/.cache/adbench/datasets).",
+    )] = None,
     force: Annotated[bool, typer.Option(help="Download again even if present.")] = False,
 ) -> None:
-    """Download a dataset into ROOT/<name> (resumable, checksum-verified)."""
+    """Download a dataset into DATA_ROOT/<name> (resumable, checksum-verified)."""
     from adbench.datasets import default_data_root
     from adbench.download import download_dataset, get_source
 

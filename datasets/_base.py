@@ -153,7 +153,7 @@ class DatasetFamily:
     @property
     def how_to_get(self) -> str:
         """What to tell a user whose data is missing."""
-        return f"run `adbench download {self.name} --root DATA_ROOT` or pass --data-root (env ADBENCH_DATA)"
+        return f"run `adbench download {self.name} --data-root DIR`, then pass that --data-root (or set ADBENCH_DATA)"
 
     def __init__(self, data_root: Path | None = None, root: Path | None = None) -> None:
         self.base = self.locate(Path(data_root) if data_root else default_data_root(), Path(root) if root else None)

@@ -136,6 +136,14 @@ def test_missing_data_root_says_how_to_download(tmp_path):
     assert result.exit_code == 1 and "adbench download mtd" in " ".join(out.split())
 
 
+def test_download_takes_run_s_data_root_and_its_old_name(tmp_path, real_data_root):
+    """download's --data-root is run's (data in DATA_ROOT/<name>); --root, its first name, still works."""
+    (tmp_path / "mtd").symlink_to(real_data_root / "mtd")
+    for flag in ("--data-root", "--root"):
+        result, out = invoke(["download", "mtd", flag, str(tmp_path)])
+        assert result.exit_code == 0 and "mtd is ready at" in out and str(tmp_path / "mtd") in " ".join(out.split())
+
+
 def test_nan_training_is_one_line_and_writes_nothing(tmp_path):
     result, out = invoke(["run", "--category", "pattern", "--results-dir", str(tmp_path), *FAST,
                           "--set", "lr=1e12"])
