@@ -87,14 +87,16 @@ def _fmt(v: float | None) -> str:
     return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}"
 
 
+# run and sweep: where the dataset folders are (download names the same option, with its older --root too)
+DataRoot = Annotated[Path | None, typer.Option(envvar="ADBENCH_DATA", help="Folder holding mvtec/, btad/, mtd/.")]
+
+
 @app.command()
 def run(
     model: Annotated[str, typer.Option(help="Detector (see `adbench list models`).")] = "fastflow",
     dataset: Annotated[str, typer.Option(help="Dataset (see `adbench list datasets`).")] = "synthetic",
     category: Annotated[str, typer.Option(help="Category, or 'all'.")] = "all",
-    data_root: Annotated[
-        Path | None, typer.Option(envvar="ADBENCH_DATA", help="Folder holding mvtec/, btad/, mtd/.")
-    ] = None,
+    data_root: DataRoot = None,
     root: Annotated[Path | None, typer.Option(help="Dataset folder for --dataset folder (MVTec layout).")] = None,
     backbone: Annotated[str, typer.Option(help="Feature extractor (see `adbench list backbones`).")] = (
         "tf_efficientnet_lite0"
@@ -199,9 +201,7 @@ def sweep(
         help=r"Grid file (TOML): models, datasets, seeds, \[overrides], \[model.X], \[vary], \[\[variant]].")],
     results_dir: Annotated[Path, typer.Option(help="Runs go to RESULTS_DIR/runs/.")] = Path("results"),
     executor: Annotated[str, typer.Option(help="local, submitit-local or slurm.")] = "local",
-    data_root: Annotated[
-        Path | None, typer.Option(envvar="ADBENCH_DATA", help="Folder holding mvtec/, btad/, mtd/.")
-    ] = None,
+    data_root: DataRoot = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List the cells and their settings; run nothing.")] = False,
     rerun_stale: Annotated[bool, typer.Option(
         "--rerun-stale", help="Rerun stale cells (their run was made by other detector code); default: keep and list.")
